@@ -1,0 +1,23 @@
+"""optimizely-odp-ext: reliable, fast Optimizely Data Platform (ODP) events for optimizely-sdk.
+
+One line gives Optimizely clients a ``send_odp_event`` that keeps the SDK's documented contract
+and does not lose events::
+
+    import optimizely_odp_ext
+    optimizely_odp_ext.install()            # every Optimizely client, made before or after
+    optimizely_odp_ext.install(client)      # or one client, with its own keyword options
+
+    client.send_odp_event("purchased", {"fs_user_id": "user123"}, "fullstack", {"price": 50.0})
+    client.flush_odp_events(timeout=5)      # optional: wait for delivery
+    client.close()                          # delivers what is queued, bounded by close_timeout
+
+See the README for the options and the delivery guarantees.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .extension import UnsupportedSdkError, install, uninstall
+from .settings import ConfigurationError, Options
+
+__all__ = ["ConfigurationError", "Options", "UnsupportedSdkError", "__version__", "install", "uninstall"]

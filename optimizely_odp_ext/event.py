@@ -1,0 +1,157 @@
+"""Building one ODP event: validation, identifier normalization and default data.
+
+Validation runs on the caller's thread, so it is written to be cheap: one pass over the identifiers
+and one over the data, no I/O, no UUID, no JSON. What can wait (the ``idempotence_id``, the default
+data, the JSON encoding) is done by the worker in :func:`encode`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from . import _compat
+
+FS_USER_ID = "fs_user_id"
+DEFAULT_TYPE = "fullstack"
+
+DataValue = Union[str, int, float, bool, None]
+OdpData = Dict[str, DataValue]
+
+# A validated event waiting in the queue: (type, action, identifiers, data or None). Plain tuples:
+# they are the cheapest thing the caller can build.
+Pending = Tuple[str, str, Dict[str, str], Optional[OdpData]]
+
+_VALID_TYPES = (str, int, float, bool, type(None))
+
+
+def validate(
+    action: object, identifiers: object, type: object, data: object
+) -> Union[Pending, str]:
+    """Validates and normalizes one ``send_odp_event`` call.
+
+    Never mutates the caller's dicts; the returned event holds copies.
+
+    Args:
+        action: The event action; a non-empty str.
+        identifiers: A non-empty dict of str to str.
+        type: The event type; empty or None means "fullstack".
+        data: None, or a dict of str to str, int, float (finite), bool or None.
+
+    Returns:
+        The validated event, or the error line to log when the call must be discarded.
+    """
+    if action is None or action == "":
+        return _compat.ODP_INVALID_ACTION
+    if not isinstance(action, str):
+        return f"ODP action is not valid (must be a string, got {_type_name(action)})."
+
+    if not identifiers or not isinstance(identifiers, dict):
+        return _compat.ODP_INVALID_IDENTIFIERS
+    ids: Dict[str, str] = {}
+    variant: Optional[str] = None
+    for key, value in identifiers.items():
+        if not isinstance(key, str):
+            return f"ODP identifiers are not valid (keys must be strings, got {_type_name(key)})."
+        if not isinstance(value, str):
+            # The value may be personal data (an email): name the key and the type, never the value.
+            return f'ODP identifiers are not valid (value of "{key}" must be a string, got {_type_name(value)}).'
+        ids[key] = value
+        if variant is None and len(key) == 10 and key != FS_USER_ID and _is_fs_user_id_variant(key):
+            variant = key
+    if variant is not None and FS_USER_ID not in ids:
+        # Rebuild rather than pop+insert so the normalized key keeps the caller's position.
+        ids = {(FS_USER_ID if k == variant else k): v for k, v in ids.items()}
+
+    if type is None or type == "":
+        type = DEFAULT_TYPE
+    elif not isinstance(type, str):
+        return f"ODP type is not valid (must be a string, got {_type_name(type)})."
+
+    if data is None:
+        return (type, action, ids, None)
+    if not isinstance(data, dict):
+        return _compat.ODP_INVALID_DATA
+    for key, value in data.items():
+        if not isinstance(key, str):
+            return f"ODP data is not valid (keys must be strings, got {_type_name(key)})."
+        if not isinstance(value, _VALID_TYPES):
+            return _compat.ODP_INVALID_DATA
+        if value.__class__ is float and not math.isfinite(value):
+            return f'ODP data is not valid (value of "{key}" is not a finite number).'
+    if not data:
+        return (type, action, ids, None)
+    return (type, action, ids, dict(data))
+
+
+def _is_fs_user_id_variant(key: str) -> bool:
+    return key.lower().replace("-", "_") == FS_USER_ID
+
+
+def _type_name(value: object) -> str:
+    return value.__class__.__name__
+
+
+class Encoded:
+    """One event, encoded once, ready to join batches (and retried with the same bytes).
+
+    Attributes:
+        body: The event's JSON object as UTF-8 bytes.
+        idempotence_id: The id in its data (the caller's, when given).
+        seq: The order in which the worker took it from the queue.
+        spool_id: Where the spool keeps it, when the spool is on.
+    """
+
+    __slots__ = ("body", "idempotence_id", "seq", "spool_id")
+
+    def __init__(self, body: bytes, idempotence_id: str, seq: int = 0, spool_id: Optional[int] = None) -> None:
+        self.body = body
+        self.idempotence_id = idempotence_id
+        # The order in which the worker took the event from the queue (flush uses it as a barrier).
+        self.seq = seq
+        self.spool_id = spool_id
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    def __repr__(self) -> str:
+        return f"Encoded(idempotence_id={self.idempotence_id!r}, size={len(self.body)})"
+
+
+def default_data(sdk_version: str) -> OdpData:
+    """The data every event carries unless the caller overrides it (minus ``idempotence_id``)."""
+    return {"data_source_type": "sdk", "data_source": "python-sdk", "data_source_version": sdk_version}
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def encode(pending: Pending, defaults: Mapping[str, DataValue]) -> Encoded:
+    """Adds the default data and encodes the event. Runs on the worker.
+
+    Args:
+        pending: The validated event.
+        defaults: The default data from :func:`default_data`.
+
+    Returns:
+        The encoded event.
+    """
+    type_, action, identifiers, data = pending
+    merged: Dict[str, Any] = {"idempotence_id": str(uuid.uuid4())}
+    merged.update(defaults)
+    if data:
+        merged.update(data)
+    body = _dumps({"type": type_, "action": action, "identifiers": identifiers, "data": merged})
+    return Encoded(body.encode("utf-8"), str(merged["idempotence_id"]))
+
+
+def join(events: list[Encoded]) -> bytes:
+    """The JSON array body of a batch, from already encoded events (no re-encoding)."""
+    return b"[" + b",".join(e.body for e in events) + b"]"
+
+
+def batch_size_bytes(count: int, body_bytes: int) -> int:
+    """Size of the joined array for ``count`` events whose bodies add up to ``body_bytes``."""
+    return body_bytes + max(count - 1, 0) + 2

@@ -1,0 +1,405 @@
+"""The mixin and install/uninstall: attaching our methods to the Optimizely class or one client.
+
+What install replaces is remembered and tagged (``_odp_ext_applied``), and uninstall restores
+exactly that, at class level and at instance level. Both are idempotent and guarded by one lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import types
+import weakref
+from typing import Any, Callable, Dict, List, Optional
+
+from . import _compat
+from .event import DEFAULT_TYPE, OdpData, validate
+from .manager import EventManager
+from .settings import ConfigurationError, Options, client_logger, from_client, make_options, odp_integration
+
+_log = logging.getLogger(__name__)
+
+_STATE_ATTR = "_odp_ext_state"
+_TAG = "_odp_ext_applied"
+_MISSING = object()
+_CONFIG_UPDATE = "OPTIMIZELY_CONFIG_UPDATE"
+
+_lock = threading.RLock()
+# Class level: the attributes we replaced on the class (or _MISSING), and the install options.
+_class_originals: Dict[str, Any] = {}
+_class_options: Optional[Options] = None
+_class_explicit: frozenset = frozenset()  # type: ignore[type-arg]
+_class_states: weakref.WeakSet[_ClientState] = weakref.WeakSet()
+
+
+class UnsupportedSdkError(ConfigurationError):
+    """The installed optimizely-sdk is outside the supported range."""
+
+
+class _ClientState:
+    """One client's plugin state: its manager, its logger, its datafile listener."""
+
+    __slots__ = ("__weakref__", "client", "disabled", "instance_attrs", "listener", "logger", "manager",
+                 "options")
+
+    def __init__(self, client: Any, options: Options, logger: Any, manager: EventManager) -> None:
+        self.client = weakref.ref(client)
+        self.options = options
+        self.logger = logger
+        self.manager = manager
+        self.disabled = bool(options.odp_disabled)
+        self.listener: Optional[Callable[[], None]] = None
+        # Instance level: the attributes we set on the instance and what was there before.
+        self.instance_attrs: Dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------- the mixin
+
+
+class OdpExtensionMixin:
+    """The methods attached to Optimizely clients."""
+
+    def send_odp_event(
+        self,
+        action: str,
+        identifiers: Dict[str, str],
+        type: str = DEFAULT_TYPE,
+        data: Optional[OdpData] = None,
+    ) -> None:
+        """Sends an event to ODP: validated now, delivered in the background.
+
+        Same contract as optimizely-sdk's ``send_odp_event``: never raises, logs one error line on
+        the client's logger and discards the event when the input (or the client) is not valid.
+
+        Args:
+            action: The event action; a non-empty str.
+            identifiers: At least one identifier; str keys and values.
+            type: The event type; empty or None means "fullstack".
+            data: Extra data: str keys; str, int, float (finite), bool or None values.
+        """
+        try:
+            state = self.__dict__.get(_STATE_ATTR)
+            if state is None:
+                if getattr(self, "is_valid", True) is False:
+                    _logger_of(self).error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
+                    return
+                state = _state_for(self)
+                if state is None:
+                    return
+            elif getattr(self, "is_valid", True) is False:
+                state.logger.error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
+                return
+            event = validate(action, identifiers, type, data)
+            if event.__class__ is str:
+                state.logger.error(event)
+                state.manager.count_invalid()
+                return
+            if state.disabled:
+                state.logger.error(_compat.ODP_NOT_ENABLED)
+                return
+            state.manager.enqueue(event)  # type: ignore[arg-type]
+        except Exception as exc:  # the application never sees our failures
+            _log.exception("send_odp_event failed")
+            with contextlib.suppress(Exception):
+                _logger_of(self).error(_compat.ODP_EVENT_FAILED.format(f"internal error: {exc!r}"))
+
+    def flush_odp_events(self, timeout: Optional[float] = None) -> bool:
+        """Waits until every ODP event sent so far is delivered or given up.
+
+        Args:
+            timeout: Seconds to wait at most; None waits until done.
+
+        Returns:
+            True when all of them reached an outcome in time, False otherwise.
+        """
+        state = self.__dict__.get(_STATE_ATTR)
+        return True if state is None else state.manager.flush(timeout)
+
+    def odp_event_stats(self) -> Dict[str, Any]:
+        """Delivery counts of this client's ODP events (see ``EventManager.stats``)."""
+        state = self.__dict__.get(_STATE_ATTR)
+        if state is None:
+            return {}
+        stats: Dict[str, Any] = state.manager.stats()
+        return stats
+
+    def close(self) -> None:
+        """Delivers queued ODP events (bounded by ``close_timeout``), then the SDK's own close."""
+        _close_manager(self)
+        original = _class_originals.get("close", _MISSING)
+        if callable(original):
+            original(self)
+
+
+def _instance_close(self: Any) -> None:
+    """``close`` for an instance-level install: ours, then whatever the class has."""
+    _close_manager(self)
+    original = getattr(type(self), "close", None)
+    if callable(original):
+        original(self)
+
+
+def _close_manager(client: Any) -> None:
+    state = client.__dict__.get(_STATE_ATTR)
+    if state is not None:
+        try:
+            state.manager.close()
+        except Exception:
+            _log.exception("closing the ODP event manager failed")
+
+
+_PATCHED = ("send_odp_event", "flush_odp_events", "odp_event_stats", "close")
+
+
+def _logger_of(client: Any) -> Any:
+    return getattr(client, "logger", None) or logging.getLogger("optimizely_odp_ext")
+
+
+# ----------------------------------------------------------------- per-client state
+
+
+def _read_config(client: Any) -> Any:
+    """The client's current project config, without blocking while the datafile loads."""
+    manager = getattr(client, "config_manager", None)
+    if manager is None:
+        return None
+    if "_config" in getattr(manager, "__dict__", {}):
+        # PollingConfigManager.get_config() blocks until the first datafile; _config does not.
+        return manager.__dict__["_config"]
+    try:
+        return manager.get_config()
+    except Exception:
+        return None
+
+
+def _state_for(client: Any, options: Optional[Options] = None, explicit: frozenset = frozenset()  # type: ignore[type-arg]
+               ) -> Optional[_ClientState]:
+    """Returns the client's state, creating it on first use (class-level install)."""
+    with _lock:
+        state: Optional[_ClientState] = client.__dict__.get(_STATE_ATTR)
+        if state is not None:
+            return state
+        class_level = options is None
+        if options is None:
+            if _class_options is None:
+                return None
+            options, explicit = _class_options, _class_explicit
+        resolved = from_client(client, options, explicit)
+        logger = client_logger(client, resolved)
+        manager = EventManager(resolved, logger, _compat.sdk_version())
+        state = _ClientState(client, resolved, logger, manager)
+        client.__dict__[_STATE_ATTR] = state
+        if class_level:
+            _class_states.add(state)
+        if not state.disabled and resolved.api_host is None:
+            _follow_datafile(client, state)
+        return state
+
+
+def _follow_datafile(client: Any, state: _ClientState) -> None:
+    ref = weakref.ref(client)
+    manager = state.manager
+
+    def on_config_update(*_args: Any) -> None:
+        target = ref()
+        if target is not None:
+            manager.update_config(*odp_integration(_read_config(target)))
+
+    centers = _notification_centers(client)
+    for center in centers:
+        try:
+            center.add_notification_listener(_CONFIG_UPDATE, on_config_update)
+        except Exception:
+            _log.debug("could not listen to datafile updates", exc_info=True)
+    state.listener = on_config_update
+    on_config_update()
+
+
+def _notification_centers(client: Any) -> List[Any]:
+    centers: List[Any] = []
+    config_manager = getattr(client, "config_manager", None)
+    for center in (getattr(config_manager, "notification_center", None), getattr(client, "notification_center", None)):
+        if center is not None and all(center is not c for c in centers):
+            centers.append(center)
+    # The config manager notifies its own center; the client's only when they are the same object.
+    return centers[:1]
+
+
+def _drop_state(client: Any, state: _ClientState) -> None:
+    """Flushes and stops the client's manager, and stops following its datafile."""
+    if state.listener is not None:
+        for center in _notification_centers(client):
+            _remove_listener(center, state.listener)
+        state.listener = None
+    try:
+        state.manager.close()
+    except Exception:
+        _log.exception("closing the ODP event manager failed")
+    client.__dict__.pop(_STATE_ATTR, None)
+
+
+def _remove_listener(center: Any, callback: Callable[[], None]) -> None:
+    listeners = getattr(center, "notification_listeners", {}).get(_CONFIG_UPDATE, [])
+    for entry in list(listeners):
+        if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is callback:
+            try:
+                center.remove_notification_listener(entry[0])
+            except Exception:
+                listeners.remove(entry)
+
+
+# ----------------------------------------------------------------- install / uninstall
+
+
+def _optimizely_class() -> type:
+    from optimizely.optimizely import Optimizely
+
+    cls: type = Optimizely
+    return cls
+
+
+def _check_sdk() -> bool:
+    version = _compat.sdk_version_tuple()
+    if _compat.is_supported_sdk(version):
+        return True
+    _log.error("optimizely-odp-ext supports optimizely-sdk %s; found %s. Not installed.",
+               _compat.SUPPORTED_SDK, _compat.sdk_version())
+    return False
+
+
+def install(client: Any = None, **options: Any) -> bool:
+    """Gives Optimizely clients our ``send_odp_event`` (and ``flush_odp_events``, ``close``).
+
+    Args:
+        client: One client to install on; None installs on the ``Optimizely`` class, so every
+            client (made before or after) gets it.
+        **options: Keyword options (see :class:`~optimizely_odp_ext.settings.Options`).
+
+    Returns:
+        True when installed now, False when it already was (or the SDK is unsupported).
+
+    Raises:
+        ConfigurationError: An unknown or impossible option, or ``client`` is not an Optimizely client.
+    """
+    resolved = make_options(**options)
+    explicit = frozenset(options)
+    if not _check_sdk():
+        return False
+    cls = _optimizely_class()
+    with _lock:
+        if client is None:
+            return _install_class(cls, resolved, explicit)
+        if not isinstance(client, cls):
+            raise ConfigurationError(f"install() needs an Optimizely client, got {type(client).__name__}.")
+        return _install_instance(client, resolved, explicit)
+
+
+def _install_class(cls: type, options: Options, explicit: frozenset) -> bool:  # type: ignore[type-arg]
+    global _class_options, _class_explicit
+    if _class_originals:
+        _log.warning("optimizely_odp_ext.install() was already called; nothing changed.")
+        return False
+    for name in _PATCHED:
+        original = cls.__dict__.get(name, _MISSING)
+        _class_originals[name] = original
+        setattr(cls, name, _tagged(getattr(OdpExtensionMixin, name), original))
+    _class_options, _class_explicit = options, explicit
+    _log.debug("installed on %s", cls.__name__)
+    return True
+
+
+def _install_instance(client: Any, options: Options, explicit: frozenset) -> bool:  # type: ignore[type-arg]
+    state: Optional[_ClientState] = client.__dict__.get(_STATE_ATTR)
+    if state is not None and state.instance_attrs:
+        state.logger.warning("optimizely_odp_ext.install(client) was already called for this client; "
+                             "nothing changed.")
+        return False
+    if state is not None:
+        # A class-level state already serves this client: replace it with one of its own options.
+        _drop_state(client, state)
+        _class_states.discard(state)
+    if getattr(client, "is_valid", True) is False:
+        _logger_of(client).error(_compat.INVALID_OPTIMIZELY.format("install"))
+    state = _state_for(client, options, explicit)
+    assert state is not None
+    for name in _PATCHED:
+        state.instance_attrs[name] = client.__dict__.get(name, _MISSING)
+        function = _instance_close if name == "close" else getattr(OdpExtensionMixin, name)
+        client.__dict__[name] = types.MethodType(_tagged(function, state.instance_attrs[name]), client)
+    return True
+
+
+def _tagged(function: Callable[..., Any], original: Any) -> Callable[..., Any]:
+    """A copy of ``function`` marked as ours, remembering what it replaced."""
+    replacement = types.FunctionType(
+        function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__)
+    replacement.__doc__ = function.__doc__
+    replacement.__qualname__ = function.__qualname__
+    replacement.__kwdefaults__ = function.__kwdefaults__
+    setattr(replacement, _TAG, True)
+    replacement.__wrapped__ = None if original is _MISSING else original  # type: ignore[attr-defined]
+    return replacement
+
+
+def uninstall(client: Any = None) -> bool:
+    """Undoes :func:`install`: restores exactly what it replaced.
+
+    Queued events of the affected clients are delivered first (bounded by ``close_timeout``).
+
+    Args:
+        client: The client given to ``install(client)``; None undoes the class-level install.
+
+    Returns:
+        True when something was uninstalled.
+    """
+    with _lock:
+        if client is None:
+            return _uninstall_class()
+        return _uninstall_instance(client)
+
+
+def _uninstall_class() -> bool:
+    global _class_options, _class_explicit
+    if not _class_originals:
+        return False
+    cls = _optimizely_class()
+    for name, original in _class_originals.items():
+        current = cls.__dict__.get(name)
+        if current is None or not getattr(current, _TAG, False):
+            continue  # someone else replaced it since; leave theirs alone
+        if original is _MISSING:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, original)
+    _class_originals.clear()
+    _class_options, _class_explicit = None, frozenset()
+    # Clients served by the class-level install: deliver what they queued, then let them go.
+    for state in list(_class_states):
+        client = state.client()
+        if client is not None and client.__dict__.get(_STATE_ATTR) is state:
+            _drop_state(client, state)
+    _class_states.clear()
+    return True
+
+
+def _uninstall_instance(client: Any) -> bool:
+    state: Optional[_ClientState] = client.__dict__.get(_STATE_ATTR)
+    if state is None or not state.instance_attrs:
+        return False
+    for name, original in state.instance_attrs.items():
+        current = client.__dict__.get(name)
+        if current is None or not getattr(current, _TAG, False):
+            continue
+        if original is _MISSING:
+            del client.__dict__[name]
+        else:
+            client.__dict__[name] = original
+    _drop_state(client, state)
+    return True
+
+
+def manager_of(client: Any) -> Optional[EventManager]:
+    """The client's event manager, if it has one yet."""
+    state = client.__dict__.get(_STATE_ATTR)
+    return None if state is None else state.manager

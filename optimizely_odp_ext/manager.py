@@ -1,0 +1,719 @@
+"""The event manager: a bounded queue, one worker, a few senders, flush/close, exit and fork.
+
+The caller's side (:meth:`EventManager.enqueue`) is an O(1) ``deque.append`` plus a few attribute
+reads: no lock, no I/O, no waiting. Everything else happens on the worker thread, which owns all
+mutable delivery state (batches, retries, counters), so it needs no locks either. Senders only
+perform HTTP requests and hand their replies back to the worker.
+
+Flow on the worker, each pass:
+
+1. take the senders' replies: count deliveries, schedule retries, split rejected batches;
+2. dispatch: split halves first, then a due retry (only one "probe" while ODP is failing, so an
+   outage costs one request per backoff period and order of arrival is kept), then new batches
+   of up to ``batch_size`` events / ``max_batch_bytes`` once a batch is full or ``flush_interval``
+   has passed;
+3. sleep until woken (a full batch, a reply, a flush, close) or until the next deadline.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
+
+from . import _compat
+from .event import Encoded, Pending, batch_size_bytes, default_data, encode, join
+from .retry import NETWORK_ERROR, RetryPolicy, Verdict, classify
+from .settings import Options
+from .transport import Reply, RequestsTransport, Transport, check_host, events_url, mask_key
+
+_log = logging.getLogger(__name__)
+
+UNDETERMINED = "undetermined"
+INTEGRATED = "integrated"
+NOT_INTEGRATED = "not_integrated"
+REFUSED = "refused"
+
+DROP_REASONS = ("rejected", "too_large", "queue_full", "retry_expired", "shutdown", "not_integrated",
+                "invalid")
+
+_WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
+_IDLE_WAKE = 5.0  # the worker looks around at least this often, even with nothing to do
+
+
+class Target(NamedTuple):
+    """Where a batch goes and with which key. Events keep the target they were queued under."""
+
+    host: str
+    key: str
+    url: str
+
+
+class _Batch:
+    __slots__ = ("attempts", "events", "first_attempt", "min_seq", "probe", "target")
+
+    def __init__(self, events: List[Encoded], target: Target, first_attempt: Optional[float] = None) -> None:
+        self.events = events
+        self.target = target
+        self.first_attempt = first_attempt
+        self.attempts = 0
+        self.min_seq = min(e.seq for e in events)
+        self.probe = False
+
+
+_Item = Tuple[Pending, Optional[Target]]
+TransportFactory = Callable[[Options], Transport]
+
+
+def _default_transport(options: Options) -> Transport:
+    return RequestsTransport(pool_size=options.max_in_flight, gzip_body=options.gzip)
+
+
+class EventManager:
+    """Validated events in, batches out to ``{host}/v3/events``.
+
+    Args:
+        options: The resolved options.
+        logger: Where user-facing lines go (normally the Optimizely client's logger).
+        sdk_version: The host SDK's version, for the default ``data_source_version``.
+        transport_factory: Builds the transport on first use (tests inject fakes).
+        retry_policy: Overrides the policy built from ``options``.
+    """
+
+    def __init__(
+        self,
+        options: Options,
+        logger: Any,
+        sdk_version: Optional[str] = None,
+        transport_factory: TransportFactory = _default_transport,
+        retry_policy: Optional[RetryPolicy] = None,
+    ) -> None:
+        self.options = options
+        self.logger = logger
+        self._transport_factory = transport_factory
+        self._policy = retry_policy or RetryPolicy(
+            base=options.backoff_base, cap=options.backoff_max, window=options.retry_window,
+            retry_after_cap=options.retry_after_max)
+        self._defaults = default_data(sdk_version or _compat.sdk_version())
+        self._timeout = (options.connect_timeout, options.request_timeout)
+        self._capacity = options.queue_capacity
+        self._batch_size = options.batch_size
+        self._state = UNDETERMINED
+        self._target: Optional[Target] = None
+        self._initial_target: Optional[Target] = None
+        self._refusal = ""
+        self._lifecycle = threading.Lock()
+        self._closed = False
+        self._reset_runtime()
+        if options.api_host is not None and options.api_key is not None:
+            self.update_config(options.api_host, options.api_key, True)
+        _register(self)
+
+    # ----------------------------------------------------------------- state shared with the caller
+
+    def _reset_runtime(self) -> None:
+        """Everything that belongs to one process: queue, threads, connections, counters."""
+        self._pid = os.getpid()
+        self._queue: Deque[_Item] = collections.deque()
+        self._wake = threading.Event()
+        self._start_lock = threading.Lock()
+        self._flush_cond = threading.Condition(threading.Lock())
+        self._worker: Optional[threading.Thread] = None
+        self._senders: List[threading.Thread] = []
+        self._send_queue: Deque[Optional[_Batch]] = collections.deque()
+        self._send_ready = threading.Semaphore(0)
+        self._results: Deque[Tuple[_Batch, Reply]] = collections.deque()
+        self._transport: Optional[Transport] = None
+        self._closing = False
+        self._close_seen = False
+        self._close_deadline = 0.0
+        self._flush_waiters = 0
+        # Counted by the caller's side, on rare paths only (under _count_lock).
+        self._count_lock = threading.Lock()
+        self._overflowed = 0
+        self._overflow_popped = 0  # drop_oldest: events that left the queue from the caller's side
+        self._invalid = 0
+        self._last_overflow_warning = -_WARN_EVERY
+        self._overflow_since_warning = 0
+        # Owned by the worker thread.
+        self._popped = 0
+        self._delivered = 0
+        self._dropped: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._requests = 0
+        self._retries = 0
+        self._in_flight = 0
+        self._probe_in_flight = False
+        self._priority: Deque[_Batch] = collections.deque()
+        self._retry_heap: List[Tuple[float, int, _Batch]] = []
+        self._retry_seq = itertools.count()
+        self._live: Dict[int, _Batch] = {}
+        self._carry: Optional[Tuple[Encoded, Target]] = None
+        self._partial_since: Optional[float] = None
+        self._failing_since: Optional[float] = None
+        self._last_failure_warning = -_WARN_EVERY
+        self._low_water = 0
+
+    def enqueue(self, pending: Pending) -> bool:
+        """Queues one validated event. Runs on the caller's thread: O(1), no I/O, no waiting.
+
+        Returns:
+            True when the event was accepted, False when it was discarded (and logged).
+        """
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self._closed:
+            self.logger.error("ODP event not sent: the ODP event manager is closed.")
+            return False
+        state = self._state
+        if state is not INTEGRATED and state is not UNDETERMINED:
+            self.logger.error(_compat.ODP_NOT_INTEGRATED if state is NOT_INTEGRATED else self._refusal)
+            return False
+        queue = self._queue
+        if len(queue) >= self._capacity and not self._overflow():
+            return True  # accepted, then dropped as queue_full (counted in _overflow)
+        queue.append((pending, self._target))
+        if self._worker is None:
+            self._start()
+        size = len(queue)
+        if size == 1 or size % self._batch_size == 0:
+            self._wake.set()
+        return True
+
+    def count_invalid(self) -> None:
+        """Counts one call discarded by validation (for :meth:`stats`)."""
+        with self._count_lock:
+            self._invalid += 1
+
+    def _overflow(self) -> bool:
+        """The queue is full. Returns True when the new event may still be appended."""
+        now = time.monotonic()
+        with self._count_lock:
+            self._overflowed += 1
+            self._overflow_since_warning += 1
+            make_room = self.options.overflow == "drop_oldest"
+            if make_room:
+                try:
+                    self._queue.popleft()
+                    self._overflow_popped += 1
+                except IndexError:
+                    pass
+            if now - self._last_overflow_warning >= _WARN_EVERY:
+                dropped, self._overflow_since_warning = self._overflow_since_warning, 0
+                self._last_overflow_warning = now
+                self.logger.warning(
+                    f"ODP event queue is full ({self._capacity} events); dropped {dropped} "
+                    f"{'oldest' if make_room else 'new'} event(s) since the last warning.")
+        return make_room
+
+    def update_config(self, host: Optional[str], key: Optional[str], determined: bool) -> None:
+        """Applies the ODP host and key of a (new) datafile. Events already queued keep theirs.
+
+        Args:
+            host: The ODP host, or None when ODP is not integrated.
+            key: The public key, or None when ODP is not integrated.
+            determined: False while no datafile has arrived (then nothing changes).
+        """
+        if not determined:
+            return
+        if host and key:
+            refusal = check_host(host, self.options.allow_insecure_http)
+            if refusal:
+                if self._state is not REFUSED or self._refusal != refusal:
+                    self.logger.error(refusal)
+                self._refusal = refusal
+                self._target = None
+                self._state = REFUSED
+            else:
+                target = Target(host, key, events_url(host))
+                if target != self._target:
+                    self.logger.info(f"ODP events go to {target.url} (key {mask_key(key)}).")
+                    self._target = target
+                if self._initial_target is None:
+                    self._initial_target = target
+                self._state = INTEGRATED
+        else:
+            self._target = None
+            self._state = NOT_INTEGRATED
+        self._wake.set()
+
+    @property
+    def state(self) -> str:
+        """``"undetermined"`` (no datafile yet), ``"integrated"``, ``"not_integrated"`` or ``"refused"``."""
+        return self._state
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._worker is not None:
+                return
+            self._transport = self._transport_factory(self.options)
+            # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
+            # start threads while the interpreter is exiting, which is when the exit flush runs.
+            for index in range(self.options.max_in_flight):
+                sender = threading.Thread(target=self._send_loop, name=f"odp-ext-sender-{index}", daemon=True)
+                sender.start()
+                self._senders.append(sender)
+            worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
+            worker.start()
+            self._worker = worker
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Waits until every event queued before this call is delivered or given up.
+
+        Args:
+            timeout: Seconds to wait at most; None waits until done (bounded by the retry window).
+
+        Returns:
+            True when all of them reached an outcome, False on timeout.
+        """
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self._worker is None or not self._worker.is_alive():
+            return not self._queue
+        barrier = self._popped + self._overflow_popped + len(self._queue)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        with self._flush_cond:
+            self._flush_waiters += 1
+            self._wake.set()
+            try:
+                while self._low_water < barrier:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._flush_cond.wait(_IDLE_WAKE if remaining is None else min(remaining, _IDLE_WAKE))
+                    if self._worker is None or not self._worker.is_alive():
+                        return self._low_water >= barrier
+                return True
+            finally:
+                self._flush_waiters -= 1
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Delivers what is queued (until ``timeout``, default ``close_timeout``) and stops.
+
+        Safe to call twice; events sent afterwards are discarded with one log line each.
+        """
+        with self._lifecycle:
+            if self._closed:
+                return
+            self._closed = True
+        _unregister(self)
+        if self._pid != os.getpid():
+            self._after_fork()
+        budget = self.options.close_timeout if timeout is None else max(timeout, 0.0)
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._close_deadline = time.monotonic() + budget
+            self._closing = True
+            self._wake.set()
+            worker.join(budget + 1.0)
+        self._finish()
+
+    def _finish(self) -> None:
+        pending = self._pending_count()
+        if pending > 0:
+            self._dropped["shutdown"] += pending
+        for _ in self._senders:
+            self._send_queue.append(None)
+            self._send_ready.release()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception:  # closing is best effort
+                _log.debug("transport close failed", exc_info=True)
+        with self._flush_cond:
+            self._flush_cond.notify_all()
+        stats = self.stats()
+        dropped = sum(stats["dropped"].values())
+        line = (f"ODP event manager closed: {stats['delivered']} delivered, {dropped} dropped"
+                + (f" ({_reasons(stats['dropped'])})" if dropped else "") + ".")
+        if dropped:
+            self.logger.warning(line)
+        else:
+            self.logger.info(line)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh queue, worker and connections; the parent's events stay the parent's."""
+        if self._pid == os.getpid():
+            return
+        self._reset_runtime()
+
+    # ----------------------------------------------------------------- stats
+
+    def _pending_count(self) -> int:
+        return self._accepted() - self._delivered - sum(self._dropped.values()) - self._overflowed
+
+    def _accepted(self) -> int:
+        # drop_oldest: an event popped by the caller to make room is in _overflowed, and the new
+        # one took its place in the queue, so each accepted event is counted exactly once.
+        return self._popped + len(self._queue) + self._overflowed
+
+    def stats(self) -> Dict[str, Any]:
+        """Delivery counts so far, in this process.
+
+        ``accepted == delivered + sum(dropped.values()) + pending`` at every moment the worker is
+        between two steps; once :meth:`flush` returns True or :meth:`close` returns, ``pending``
+        is 0. ``invalid`` counts calls discarded by validation (never accepted).
+        """
+        dropped = dict(self._dropped)
+        dropped["queue_full"] += self._overflowed
+        accepted = self._accepted()
+        return {
+            "accepted": accepted,
+            "delivered": self._delivered,
+            "dropped": dropped,
+            "pending": max(accepted - self._delivered - sum(dropped.values()), 0),
+            "invalid": self._invalid,
+            "requests": self._requests,
+            "retries": self._retries,
+            "queued": len(self._queue),
+            "state": self._state,
+        }
+
+    # ----------------------------------------------------------------- senders
+
+    def _send_loop(self) -> None:
+        while True:
+            self._send_ready.acquire()
+            try:
+                next_batch = self._send_queue.popleft()
+            except IndexError:
+                continue
+            if next_batch is None:
+                return
+            batch = next_batch
+            transport = self._transport
+            if transport is None:
+                reply = Reply(NETWORK_ERROR, None, "transport closed")
+            else:
+                try:
+                    reply = transport.send(batch.target.url, batch.target.key, join(batch.events), self._timeout)
+                except Exception as exc:  # a transport must not raise; if one does, it is a failed attempt
+                    reply = Reply(NETWORK_ERROR, None, f"{exc.__class__.__name__}: {exc}")
+            self._results.append((batch, reply))
+            self._wake.set()
+
+    # ----------------------------------------------------------------- worker
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                timeout = self._step()
+            except Exception:
+                # The worker never dies: log and go on (state stays consistent: every mutation
+                # above is completed before the next can fail).
+                _log.exception("ODP event worker: unexpected error; continuing")
+                self.logger.error("ODP event worker hit an unexpected error and carries on.")
+                timeout = 0.05
+            if timeout is None:
+                break
+            if timeout > 0:
+                self._wake.wait(timeout)
+
+    def _step(self) -> Optional[float]:
+        """One pass. Returns how long to sleep, or None to stop (closing and done, or deadline)."""
+        now = time.monotonic()
+        self._take_results(now)
+        self._expire(now)
+        if self._closing and not self._close_seen:
+            self._close_seen = True
+            # Shutdown cuts every retry wait short; the close deadline bounds the whole.
+            self._retry_heap = [(min(due, now), seq, batch) for due, seq, batch in self._retry_heap]
+            heapq.heapify(self._retry_heap)
+        if self._closing and (now >= self._close_deadline or self._nothing_left()):
+            self._update_low_water()
+            return None
+        self._dispatch(now)
+        self._update_low_water()
+        return self._next_wake(time.monotonic())
+
+    def _nothing_left(self) -> bool:
+        if self._live or self._carry is not None or self._in_flight:
+            return False
+        if not self._queue:
+            return True
+        # Only events held for a datafile that never came are left: nothing can send them.
+        return self._state is UNDETERMINED and self._queue[0][1] is None
+
+    def _update_low_water(self) -> None:
+        low = self._popped + self._overflow_popped
+        if self._carry is not None:
+            low = min(low, self._carry[0].seq)
+        for batch in self._live.values():
+            low = min(low, batch.min_seq)
+        self._low_water = low
+        if self._flush_waiters:
+            with self._flush_cond:
+                self._flush_cond.notify_all()
+
+    def _next_wake(self, now: float) -> float:
+        wake = _IDLE_WAKE
+        if self._retry_heap and not self._probe_in_flight:
+            wake = min(wake, self._retry_heap[0][0] - now)
+        if self._partial_since is not None:
+            wake = min(wake, self._partial_since + self.options.flush_interval - now)
+        if self._closing:
+            wake = min(wake, self._close_deadline - now)
+        return max(wake, 0.001)
+
+    def _take_results(self, now: float) -> None:
+        results = self._results
+        while results:
+            batch, reply = results.popleft()
+            self._in_flight -= 1
+            was_probe, batch.probe = batch.probe, False
+            if was_probe:
+                self._probe_in_flight = False
+            verdict = classify(reply.status, len(batch.events))
+            if verdict is Verdict.DELIVERED:
+                self._finish_batch(batch)
+                self._delivered += len(batch.events)
+                if self._failing_since is not None:
+                    self._recovered(now)
+            elif verdict is Verdict.RETRY:
+                self._schedule_retry(batch, reply, now)
+            elif verdict is Verdict.SPLIT:
+                self._finish_batch(batch)
+                middle = len(batch.events) // 2
+                first = _Batch(batch.events[:middle], batch.target, batch.first_attempt)
+                second = _Batch(batch.events[middle:], batch.target, batch.first_attempt)
+                for half in (first, second):
+                    self._live[id(half)] = half
+                self._priority.appendleft(second)
+                self._priority.appendleft(first)
+            else:
+                self._finish_batch(batch)
+                reason = "too_large" if reply.status == 413 else "rejected"
+                self._drop(batch.events, reason, _rejection(reply, batch))
+
+    def _finish_batch(self, batch: _Batch) -> None:
+        self._live.pop(id(batch), None)
+
+    def _drop(self, events: List[Encoded], reason: str, line: Optional[str]) -> None:
+        self._dropped[reason] += len(events)
+        if line:
+            self.logger.error(line)
+
+    def _schedule_retry(self, batch: _Batch, reply: Reply, now: float) -> None:
+        batch.attempts += 1
+        first = batch.first_attempt if batch.first_attempt is not None else now
+        if self._policy.expired(first, now):
+            self._finish_batch(batch)
+            self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
+                f"gave up on {len(batch.events)} event(s) after {batch.attempts} attempt(s) over "
+                f"{now - first:.0f} s; last: {_describe(reply)}"))
+            return
+        delay = self._policy.delay(batch.attempts, reply.retry_after)
+        if self._closing:
+            # Shutdown cuts retry waits short; the close deadline still bounds the whole.
+            delay = min(delay, 1.0)
+        self._retries += 1
+        heapq.heappush(self._retry_heap, (now + delay, next(self._retry_seq), batch))
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._last_failure_warning >= _WARN_EVERY:
+            self._last_failure_warning = now
+            self.logger.warning(
+                f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
+                f"(next attempt in {delay:.1f} s).")
+
+    def _recovered(self, now: float) -> None:
+        assert self._failing_since is not None
+        self.logger.info(f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
+        self._failing_since = None
+        # ODP answers again: every waiting retry may go now, oldest first.
+        self._retry_heap = [(now, seq, batch) for _, seq, batch in self._retry_heap]
+        heapq.heapify(self._retry_heap)
+
+    def _expire(self, now: float) -> None:
+        heap = self._retry_heap
+        if not heap:
+            return
+        kept = []
+        for entry in heap:
+            batch = entry[2]
+            first = batch.first_attempt if batch.first_attempt is not None else now
+            if self._policy.expired(first, now):
+                self._finish_batch(batch)
+                self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
+                    f"gave up on {len(batch.events)} event(s): retry window of "
+                    f"{self._policy.window:.0f} s expired"))
+            else:
+                kept.append(entry)
+        if len(kept) != len(heap):
+            heapq.heapify(kept)
+            self._retry_heap = kept
+
+    def _dispatch(self, now: float) -> None:
+        limit = self.options.max_in_flight
+        while self._priority and self._in_flight < limit:
+            self._submit(self._priority.popleft(), now)
+        if self._retry_heap or self._probe_in_flight:
+            # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
+            if not self._probe_in_flight and self._in_flight < limit:
+                due, _, batch = self._retry_heap[0]
+                if due <= now:
+                    heapq.heappop(self._retry_heap)
+                    batch.probe = True
+                    self._probe_in_flight = True
+                    self._submit(batch, now)
+            return
+        hurry = self._closing or self._flush_waiters > 0 or self.options.flush_interval <= 0
+        while self._in_flight < limit:
+            waiting = len(self._queue) + (self._carry is not None)
+            if waiting == 0:
+                self._partial_since = None
+                return
+            if waiting < self._batch_size and not hurry:
+                if self._partial_since is None:
+                    self._partial_since = now
+                if now - self._partial_since < self.options.flush_interval:
+                    return
+            new_batch = self._take_batch()
+            if new_batch is None:
+                return
+            self._live[id(new_batch)] = new_batch
+            self._submit(new_batch, now)
+            self._partial_since = now if self._queue else None
+
+    def _take_batch(self) -> Optional[_Batch]:
+        """Builds the next batch from the queue: one target, up to batch_size and max_batch_bytes."""
+        events: List[Encoded] = []
+        target: Optional[Target] = None
+        body_bytes = 0
+        max_bytes = self.options.max_batch_bytes
+        queue = self._queue
+        while len(events) < self._batch_size:
+            if self._carry is not None:
+                encoded, item_target = self._carry
+                self._carry = None
+            else:
+                if not queue:
+                    break
+                pending, queued_target = queue[0]
+                if queued_target is None:
+                    # Sent before the datafile arrived: it takes the first ODP settings, once known.
+                    if self._state is UNDETERMINED:
+                        break
+                    queue.popleft()
+                    self._popped += 1
+                    if self._initial_target is None:
+                        self._drop_unintegrated()
+                        continue
+                    queued_target = self._initial_target
+                else:
+                    queue.popleft()
+                    self._popped += 1
+                item_target = queued_target
+                try:
+                    encoded = encode(pending, self._defaults)
+                except (TypeError, ValueError) as exc:
+                    self._dropped["invalid"] += 1
+                    self.logger.error(_compat.ODP_EVENT_FAILED.format(f"event cannot be encoded: {exc}"))
+                    continue
+                encoded.seq = self._popped + self._overflow_popped - 1
+                if batch_size_bytes(1, len(encoded)) > max_bytes:
+                    self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
+                        f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "
+                        f"({max_bytes}); dropped"))
+                    continue
+            if target is None:
+                target = item_target
+            if item_target is not target or batch_size_bytes(len(events) + 1, body_bytes + len(encoded)) > max_bytes:
+                self._carry = (encoded, item_target)
+                break
+            events.append(encoded)
+            body_bytes += len(encoded)
+        if not events or target is None:
+            return None
+        return _Batch(events, target)
+
+    def _drop_unintegrated(self) -> None:
+        # Counted one by one, logged once per run of them.
+        self._dropped["not_integrated"] += 1
+        if self._dropped["not_integrated"] == 1 or not self._queue or self._queue[0][1] is not None:
+            self.logger.error(
+                f"{_compat.ODP_NOT_INTEGRATED} Discarded event(s) sent before the datafile was loaded "
+                f"({self._dropped['not_integrated']} so far).")
+
+    def _submit(self, batch: _Batch, now: float) -> None:
+        if batch.first_attempt is None:
+            batch.first_attempt = now
+        self._in_flight += 1
+        self._requests += 1
+        self._send_queue.append(batch)
+        self._send_ready.release()
+
+
+def _describe(reply: Reply) -> str:
+    if reply.status == NETWORK_ERROR:
+        return reply.detail or "network error"
+    return f"HTTP {reply.status}"
+
+
+def _rejection(reply: Reply, batch: _Batch) -> str:
+    ids = ", ".join(e.idempotence_id for e in batch.events[:3]) + (", ..." if len(batch.events) > 3 else "")
+    detail = f": {reply.detail.strip()[:200]}" if reply.detail.strip() else ""
+    return _compat.ODP_EVENT_FAILED.format(
+        f"ODP rejected {len(batch.events)} event(s) with HTTP {reply.status}{detail}; "
+        f"dropped idempotence_id {ids}")
+
+
+def _reasons(dropped: Dict[str, int]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in dropped.items() if count)
+
+
+# ----------------------------------------------------------------- process-wide: exit and fork
+
+_MANAGERS: weakref.WeakSet[EventManager] = weakref.WeakSet()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _register(manager: EventManager) -> None:
+    with _REGISTRY_LOCK:
+        _MANAGERS.add(manager)
+
+
+def _unregister(manager: EventManager) -> None:
+    with _REGISTRY_LOCK:
+        _MANAGERS.discard(manager)
+
+
+def live_managers() -> List[EventManager]:
+    """The managers not closed yet, in this process."""
+    with _REGISTRY_LOCK:
+        return list(_MANAGERS)
+
+
+def _close_all_at_exit() -> None:
+    """The exit hook: deliver what is queued, each manager bounded by its close_timeout."""
+    for manager in live_managers():
+        if manager.options.flush_at_exit and not manager.closed:
+            try:
+                manager.close()
+            except Exception:  # never let one manager's failure skip the others at exit
+                _log.exception("closing ODP event manager at exit failed")
+
+
+def _after_fork_in_child() -> None:
+    for manager in live_managers():
+        manager._after_fork()
+
+
+atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
