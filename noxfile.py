@@ -1,0 +1,79 @@
+"""The support matrix and the checks, one command: ``nox`` (``make test`` runs it).
+
+Every SDK line on one Python, and every Python on the latest SDK; see the README's support matrix.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "typecheck", "tests", "tests_python", "examples", "dist"]
+
+MAIN_PYTHON = "3.11"
+OTHER_PYTHONS = ["3.8", "3.9", "3.10", "3.12", "3.13"]
+SDKS = {
+    "4.1.1": "optimizely-sdk==4.1.1",  # the last line without any ODP code
+    "5.0": "optimizely-sdk~=5.0.0",  # the first line with ODP
+    "5.7": "optimizely-sdk==5.7.0",  # the latest
+}
+TEST_TOOLS = ["pytest==9.2.0", "hypothesis==6.170.17"]
+
+
+def _install(session: nox.Session, sdk: str) -> None:
+    session.install("-e", ".", SDKS[sdk], *TEST_TOOLS)
+
+
+@nox.session(python=MAIN_PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python=MAIN_PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package (configured in pyproject.toml)."""
+    session.install("-e", ".", SDKS["5.7"], "mypy==2.4.1", "types-requests")
+    session.run("mypy")
+
+
+@nox.session(python=MAIN_PYTHON)
+@nox.parametrize("sdk", list(SDKS))
+def tests(session: nox.Session, sdk: str) -> None:
+    """The whole suite on each SDK line."""
+    _install(session, sdk)
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(python=OTHER_PYTHONS)
+def tests_python(session: nox.Session) -> None:
+    """The whole suite on every other Python, on the latest SDK."""
+    _install(session, "5.7")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(python=MAIN_PYTHON)
+def examples(session: nox.Session) -> None:
+    """Every script in examples/ runs against the embedded fake server and exits 0."""
+    _install(session, "5.7")
+    import pathlib
+
+    for script in sorted(pathlib.Path("examples").glob("[0-9]*.py")):
+        session.run("python", str(script))
+
+
+@nox.session(python=MAIN_PYTHON)
+def dist(session: nox.Session) -> None:
+    """Builds the wheel and sdist, installs the wheel in this clean venv, and smoke-tests it."""
+    import glob
+    import shutil
+
+    shutil.rmtree("dist", ignore_errors=True)
+    session.install("build==1.6.1")
+    session.run("python", "-m", "build", "--outdir", "dist", ".")
+    wheel = glob.glob("dist/*.whl")[0]
+    session.install(wheel, SDKS["5.7"])
+    session.chdir(session.create_tmp())
+    session.run("python", "-m", "optimizely_odp_ext", "smoke")
