@@ -13,7 +13,7 @@ import types
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
-from . import _compat
+from . import _compat, _sdk_bridge
 from .event import DEFAULT_TYPE, OdpData, validate
 from .manager import EventManager
 from .settings import ConfigurationError, Options, client_logger, from_client, make_options, odp_integration
@@ -40,8 +40,8 @@ class UnsupportedSdkError(ConfigurationError):
 class _ClientState:
     """One client's plugin state: its manager, its logger, its datafile listener."""
 
-    __slots__ = ("__weakref__", "client", "disabled", "instance_attrs", "listener", "logger", "manager",
-                 "options")
+    __slots__ = ("__weakref__", "bridge", "client", "disabled", "instance_attrs", "listener", "logger",
+                 "manager", "options")
 
     def __init__(self, client: Any, options: Options, logger: Any, manager: EventManager) -> None:
         self.client = weakref.ref(client)
@@ -50,6 +50,7 @@ class _ClientState:
         self.manager = manager
         self.disabled = bool(options.odp_disabled)
         self.listener: Optional[Callable[[], None]] = None
+        self.bridge: Optional[_sdk_bridge.SdkEventManagerBridge] = None
         # Instance level: the attributes we set on the instance and what was there before.
         self.instance_attrs: Dict[str, Any] = {}
 
@@ -131,6 +132,21 @@ class OdpExtensionMixin:
         if callable(original):
             original(self)
 
+    def _identify_user(self, identifiers: Dict[str, str]) -> None:
+        """optimizely-sdk 5.x: the identify event of ``create_user_context`` goes through our manager.
+
+        Creating the client's state attaches the bridge (``_sdk_bridge``) before the SDK's own
+        ``_identify_user`` hands the event to ``odp_manager.event_manager``.
+        """
+        try:
+            if self.__dict__.get(_STATE_ATTR) is None and getattr(self, "is_valid", True) is not False:
+                _state_for(self)
+        except Exception:
+            _log.exception("attaching the ODP event manager failed")
+        original = _class_originals.get("_identify_user", _MISSING)
+        if callable(original):
+            original(self, identifiers)
+
 
 def _instance_close(self: Any) -> None:
     """``close`` for an instance-level install: ours, then whatever the class has."""
@@ -150,6 +166,8 @@ def _close_manager(client: Any) -> None:
 
 
 _PATCHED = ("send_odp_event", "flush_odp_events", "odp_event_stats", "close")
+# Patched at class level only, and only where the SDK has it (5.x).
+_CLASS_ONLY = ("_identify_user",)
 
 
 def _logger_of(client: Any) -> Any:
@@ -192,8 +210,10 @@ def _state_for(client: Any, options: Optional[Options] = None, explicit: frozens
         client.__dict__[_STATE_ATTR] = state
         if class_level:
             _class_states.add(state)
-        if not state.disabled and resolved.api_host is None:
-            _follow_datafile(client, state)
+        if not state.disabled:
+            if resolved.api_host is None:
+                _follow_datafile(client, state)
+            state.bridge = _sdk_bridge.attach(client, manager.enqueue, logger)
         return state
 
 
@@ -227,7 +247,10 @@ def _notification_centers(client: Any) -> List[Any]:
 
 
 def _drop_state(client: Any, state: _ClientState) -> None:
-    """Flushes and stops the client's manager, and stops following its datafile."""
+    """Flushes and stops the client's manager, stops following its datafile, hands ODP back to the SDK."""
+    if state.bridge is not None:
+        _sdk_bridge.detach(client, state.bridge)
+        state.bridge = None
     if state.listener is not None:
         for center in _notification_centers(client):
             _remove_listener(center, state.listener)
@@ -300,7 +323,7 @@ def _install_class(cls: type, options: Options, explicit: frozenset) -> bool:  #
     if _class_originals:
         _log.warning("optimizely_odp_ext.install() was already called; nothing changed.")
         return False
-    for name in _PATCHED:
+    for name in _PATCHED + tuple(n for n in _CLASS_ONLY if n in cls.__dict__):
         original = cls.__dict__.get(name, _MISSING)
         _class_originals[name] = original
         setattr(cls, name, _tagged(getattr(OdpExtensionMixin, name), original))

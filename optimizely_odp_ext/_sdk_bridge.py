@@ -1,0 +1,116 @@
+"""optimizely-sdk 5.x only: the SDK's own ODP traffic (``identified`` events) goes through our manager.
+
+5.x sends an ``identified`` event from ``create_user_context`` through its own ``OdpEventManager``
+(its own queue, thread and connections). While installed, the client's ``odp_manager.event_manager``
+is this bridge, so a client has one queue, one worker and one HTTP session; ``uninstall`` hands the
+SDK a fresh manager of its own again. optimizely-sdk 4.x has no ODP code, so nothing is bridged there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Optional
+
+from .event import validate
+
+_log = logging.getLogger(__name__)
+
+
+class SdkEventManagerBridge:
+    """Stands in for the SDK's ``OdpEventManager``; forwards its events to our manager.
+
+    Args:
+        original: The SDK's event manager being replaced.
+        enqueue: Queues one validated event on our manager.
+        logger: The client's logger.
+    """
+
+    def __init__(self, original: Any, enqueue: Callable[[Any], bool], logger: Any) -> None:
+        self.original = original
+        self.logger = logger
+        self._enqueue = enqueue
+        self.odp_config = getattr(original, "odp_config", None)
+
+    @property
+    def is_running(self) -> bool:
+        """Always "running": the SDK must not try to start anything of its own."""
+        return True
+
+    def start(self, odp_config: Any) -> None:
+        """The SDK starts its manager when ODP becomes integrated; ours follows the datafile itself."""
+        self.odp_config = odp_config
+
+    def update_config(self) -> None:
+        """Ours follows the datafile itself."""
+
+    def stop(self) -> None:
+        """The client's close() closes our manager."""
+
+    def flush(self) -> None:
+        """Nothing to do: our manager flushes on its own schedule."""
+
+    def identify_user(self, identifiers: Dict[str, str]) -> None:
+        """Runs the installed SDK's own identify logic (it differs between 5.x releases)."""
+        type(self.original).identify_user(self, identifiers)
+
+    def send_event(self, type: str, action: str, identifiers: Dict[str, str], data: Any) -> None:
+        """Validates and queues one event on our manager."""
+        event = validate(action, identifiers, type, data)
+        if isinstance(event, str):
+            self.logger.error(event)
+            return
+        self._enqueue(event)
+
+    def dispatch(self, event: Any) -> None:
+        """An ``OdpEvent`` built by the SDK (older 5.x releases call this directly)."""
+        self.send_event(event.type, event.action, event.identifiers, event.data)
+
+
+def attach(client: Any, enqueue: Callable[[Any], bool], logger: Any) -> Optional[SdkEventManagerBridge]:
+    """Replaces the client's SDK event manager with a bridge, when the SDK has its own one.
+
+    Returns:
+        The bridge, or None when there is nothing to bridge (4.x, ODP disabled, a custom manager).
+    """
+    odp_manager = getattr(client, "odp_manager", None)
+    original = getattr(odp_manager, "event_manager", None)
+    if odp_manager is None or original is None or not getattr(odp_manager, "enabled", False):
+        return None
+    try:
+        from optimizely.odp.odp_event_manager import OdpEventManager
+    except ImportError:
+        return None
+    if type(original) is not OdpEventManager:
+        return None  # the user's own event manager: theirs to keep
+    bridge = SdkEventManagerBridge(original, enqueue, logger)
+    odp_manager.event_manager = bridge
+    if original.is_running:
+        # Its queue holds at most the identify events of contexts created before install: let it
+        # deliver them and stop, so that from now on one sender serves this client.
+        try:
+            original.stop()
+        except Exception:
+            _log.debug("stopping the SDK's ODP event manager failed", exc_info=True)
+    return bridge
+
+
+def detach(client: Any, bridge: SdkEventManagerBridge) -> None:
+    """Gives the SDK an event manager of its own again (a fresh one: a stopped thread cannot restart)."""
+    odp_manager = getattr(client, "odp_manager", None)
+    if odp_manager is None or getattr(odp_manager, "event_manager", None) is not bridge:
+        return
+    original = bridge.original
+    if original.is_running or not original.thread.ident:
+        odp_manager.event_manager = original  # never started: still usable as it is
+    else:
+        fresh = type(original)(original.logger, original.api_manager, flush_interval=original.flush_interval)
+        odp_manager.event_manager = fresh
+        original = fresh
+    config = getattr(odp_manager, "odp_config", None)
+    try:
+        from optimizely.odp.odp_config import OdpConfigState
+
+        if config is not None and config.odp_state() == OdpConfigState.INTEGRATED and not original.is_running:
+            original.start(config)
+    except Exception:
+        _log.debug("restarting the SDK's ODP event manager failed", exc_info=True)
