@@ -14,6 +14,9 @@ from typing import Any, Callable, Dict, Optional
 from .event import validate
 
 _log = logging.getLogger(__name__)
+_quiet = logging.getLogger(__name__ + ".handover")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
 
 
 class SdkEventManagerBridge:
@@ -87,10 +90,14 @@ def attach(client: Any, enqueue: Callable[[Any], bool], logger: Any) -> Optional
     if original.is_running:
         # Its queue holds at most the identify events of contexts created before install: let it
         # deliver them and stop, so that from now on one sender serves this client.
+        # Its "Stopping ODP event queue." warning would alarm users about an intended hand-over.
+        logger_before, original.logger = original.logger, _quiet
         try:
             original.stop()
         except Exception:
             _log.debug("stopping the SDK's ODP event manager failed", exc_info=True)
+        finally:
+            original.logger = logger_before
     return bridge
 
 
