@@ -4,18 +4,22 @@
 subset of the ODP REST API this package uses (``POST /v3/events``). It checks
 every request as strictly as the real service does, records what it accepted,
 and can be told to misbehave (slow answers, 5xx, 429, hung requests, reset
-connections, rejected events). It uses the standard library only, so importing
-it pulls in nothing else from this package.
+connections, rejected events). The module itself imports only the standard
+library.
 
-Basic use::
+Basic use (``datafile_with_odp`` stands for however your test builds a datafile whose
+ODP integration has ``host=server.url`` and ``publicKey=server.api_key``)::
 
+    import optimizely_odp_ext
+    from optimizely import optimizely
     from optimizely_odp_ext.testing import FakeOdpServer
 
-    with FakeOdpServer(api_key="my-key") as server:
-        client = make_client(odp_host=server.url, odp_key=server.api_key)
-        client.send_event(...)
+    with FakeOdpServer(api_key="my-public-key") as server:
+        client = optimizely.Optimizely(datafile_with_odp(server.url, server.api_key))
+        optimizely_odp_ext.install(client)
+        client.send_odp_event("purchased", {"fs_user_id": "user123"})
         assert server.wait_for_events(1, timeout=5)
-        assert server.events[0]["type"] == "fullstack"
+        assert server.events[0]["action"] == "purchased"
 
 As a pytest fixture (the package registers this module as a pytest plugin, so
 no import is needed once it is installed)::
@@ -69,6 +73,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -120,7 +125,7 @@ class _BadFraming(Exception):
 
 
 class _BadRequest(Exception):
-    """The request is refused with 400/415; carries the status and the ``detail`` payload."""
+    """The request is refused (400/415, or 500 if a predicate failed); carries status and detail."""
 
     def __init__(self, status: int, message: str, invalids: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
@@ -183,9 +188,7 @@ def _event_problems(event: object) -> list[str]:
         else:
             for k, v in data.items():
                 if v is not None and not isinstance(v, (str, int, float, bool)):
-                    problems.append(
-                        f"data '{k}' must be a string, number, boolean or null, got {type(v).__name__}"
-                    )
+                    problems.append(f"data '{k}' must be a string, number, boolean or null, got {type(v).__name__}")
                 elif isinstance(v, float) and not math.isfinite(v):
                     problems.append(f"data '{k}' must be a finite number")
     return problems
@@ -396,11 +399,14 @@ class _Handler(BaseHTTPRequestHandler):
             events = self._parse(headers, body)
             predicate = owner._reject_predicate()
             if predicate is not None:
-                rejected = [
-                    {"event": i, "message": "event rejected by a server-side rule"}
-                    for i, event in enumerate(events)
-                    if predicate(copy.deepcopy(event))
-                ]
+                try:
+                    rejected = [
+                        {"event": i, "message": "event rejected by a server-side rule"}
+                        for i, event in enumerate(events)
+                        if predicate(copy.deepcopy(event))
+                    ]
+                except Exception as exc:  # a bug in the test's predicate: make it loud, not a hang
+                    raise _BadRequest(500, f"reject_events predicate raised {exc!r}") from exc
                 if rejected:
                     raise _BadRequest(400, "events rejected", rejected)
         except _BadRequest as exc:
@@ -420,7 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
         if encoding == "gzip":
             try:
                 body = gzip.decompress(body)
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, zlib.error) as exc:
                 raise _BadRequest(400, f"body is not valid gzip: {exc}") from None
         elif encoding not in ("", "identity"):
             raise _BadRequest(415, f"unsupported content-encoding {encoding!r}")
@@ -448,9 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
         return {"title": _phrase(status), "status": status, "timestamp": _timestamp()}
 
     @classmethod
-    def _error_payload(
-        cls, status: int, message: str, invalids: list[dict[str, Any]] | None = None
-    ) -> dict[str, Any]:
+    def _error_payload(cls, status: int, message: str, invalids: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         payload = cls._payload(status)
         payload["detail"] = {"invalids": invalids or [], "message": message}
         return payload
@@ -776,7 +780,8 @@ class FakeOdpServer:
 
         Models a server-side rule: the whole batch is refused and ``detail.invalids`` lists
         the index of each matching event. The predicate gets a copy of each (already valid)
-        event and runs on a server thread. ``None`` removes the rule.
+        event and runs on a server thread; if it raises, the request gets 500 with the error in
+        ``detail.message``. ``None`` removes the rule.
         """
         with self._cond:
             self._reject = predicate

@@ -226,9 +226,7 @@ _DELETE = object()
     [
         pytest.param('{"type": "t", "action": "a", "identifiers": {"x": "1"}, "data": {"n": NaN}}', id="nan"),
         pytest.param('{"type": "t", "action": "a", "identifiers": {"x": "1"}, "data": {"n": Infinity}}', id="inf"),
-        pytest.param(
-            '{"type": "t", "action": "a", "identifiers": {"x": "1"}, "data": {"n": -Infinity}}', id="-inf"
-        ),
+        pytest.param('{"type": "t", "action": "a", "identifiers": {"x": "1"}, "data": {"n": -Infinity}}', id="-inf"),
         pytest.param("[{]", id="syntax"),
         pytest.param("[]", id="empty-batch"),
         pytest.param('"just a string"', id="not-array"),
@@ -300,6 +298,26 @@ def test_reject_events_predicate(server: FakeOdpServer) -> None:
     server.reject_events(None)
     assert post(server, batch)[0] == 202
     assert len(server.events) == 6
+
+
+def test_raising_predicate_is_500_not_a_hang(server: FakeOdpServer) -> None:
+    server.reject_events(lambda e: 1 / 0 > 0)
+    status, _, payload = post(server, [event()])
+    assert status == 500
+    assert "ZeroDivisionError" in payload["detail"]["message"]
+    assert server.events == []
+
+
+def test_corrupt_gzip_is_400(server: FakeOdpServer) -> None:
+    raw = gzip.compress(json.dumps([event()]).encode())
+    status, _, payload = post(server, raw[:10] + b"garbage" + raw[17:], headers={"Content-Encoding": "gzip"})
+    assert status == 400
+    assert "gzip" in payload["detail"]["message"]
+
+
+def test_unsupported_content_encoding_is_415(server: FakeOdpServer) -> None:
+    status, _, _ = post(server, [event()], headers={"Content-Encoding": "br"})
+    assert status == 415
 
 
 def test_body_above_max_is_413() -> None:
@@ -378,7 +396,7 @@ def test_reset_connection_every_third_request(server: FakeOdpServer) -> None:
     server.reset_connection_every(3)
     assert post(server, [event(1)])[0] == 202
     assert post(server, [event(2)])[0] == 202
-    with pytest.raises(OSError):  # ConnectionResetError / RemoteDisconnected
+    with pytest.raises(ConnectionResetError):
         post(server, [event(3)])
     assert post(server, [event(4)])[0] == 202
     assert server.events == [event(1), event(2), event(4)]
@@ -391,8 +409,10 @@ def test_reset_connection_every_third_request(server: FakeOdpServer) -> None:
 
 def test_reset_connection_sends_rst(server: FakeOdpServer) -> None:
     server.reset_connection_every(1)
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(ConnectionResetError) as info:
         post(server, [event()])
+    # A graceful close would surface as RemoteDisconnected; an RST is a plain ECONNRESET.
+    assert not isinstance(info.value, http.client.RemoteDisconnected)
 
 
 def test_latency_delays_answers(server: FakeOdpServer) -> None:
@@ -530,11 +550,11 @@ def test_stop_is_idempotent_and_closes_idle_keep_alive() -> None:
         srv.stop()
         srv.stop()
         assert time.monotonic() - started < 2.0
-        with pytest.raises(OSError):
+        with pytest.raises(ConnectionError):  # the idle keep-alive connection was closed
             send(conn, [event()])
     finally:
         conn.close()
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         post(srv, [event()], timeout=1)
     with pytest.raises(RuntimeError):
         srv.start()
