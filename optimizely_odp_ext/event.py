@@ -79,7 +79,7 @@ def validate(
             return f"ODP data is not valid (keys must be strings, got {_type_name(key)})."
         if not isinstance(value, _VALID_TYPES):
             return _compat.ODP_INVALID_DATA
-        if value.__class__ is float and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return f'ODP data is not valid (value of "{key}" is not a finite number).'
     if not data:
         return (type, action, ids, None)
@@ -106,7 +106,8 @@ class Encoded:
 
     __slots__ = ("body", "idempotence_id", "seq", "spool_id")
 
-    def __init__(self, body: bytes, idempotence_id: str, seq: int = 0, spool_id: Optional[int] = None) -> None:
+    def __init__(self, body: bytes, idempotence_id: str, seq: int = 0,
+                 spool_id: Optional[Tuple[int, int]] = None) -> None:
         self.body = body
         self.idempotence_id = idempotence_id
         # The order in which the worker took the event from the queue (flush uses it as a barrier).
@@ -125,7 +126,8 @@ def default_data(sdk_version: str) -> OdpData:
     return {"data_source_type": "sdk", "data_source": "python-sdk", "data_source_version": sdk_version}
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+# ensure_ascii: any str (even a lone surrogate) encodes, and CPython's ASCII encoder is the fast one.
+_dumps = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
 
 
 def encode(pending: Pending, defaults: Mapping[str, DataValue]) -> Encoded:
@@ -144,7 +146,7 @@ def encode(pending: Pending, defaults: Mapping[str, DataValue]) -> Encoded:
     if data:
         merged.update(data)
     body = _dumps({"type": type_, "action": action, "identifiers": identifiers, "data": merged})
-    return Encoded(body.encode("utf-8"), str(merged["idempotence_id"]))
+    return Encoded(body.encode("ascii"), str(merged["idempotence_id"]))
 
 
 def join(events: list[Encoded]) -> bytes:

@@ -26,12 +26,13 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from . import _compat
 from .event import Encoded, Pending, batch_size_bytes, default_data, encode, join
 from .retry import NETWORK_ERROR, RetryPolicy, Verdict, classify
 from .settings import Options
+from .spool import Spool
 from .transport import Reply, RequestsTransport, Transport, check_host, events_url, mask_key
 
 _log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ REFUSED = "refused"
 DROP_REASONS = ("rejected", "too_large", "queue_full", "retry_expired", "shutdown", "not_integrated",
                 "invalid")
 
+SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
 _WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
 _IDLE_WAKE = 5.0  # the worker looks around at least this often, even with nothing to do
 
@@ -111,10 +113,33 @@ class EventManager:
         self._refusal = ""
         self._lifecycle = threading.Lock()
         self._closed = False
+        self._spool: Optional[Spool] = None
+        self._recovery: Optional[Iterator[Tuple[str, str, Encoded]]] = None
         self._reset_runtime()
+        if options.spool_dir is not None:
+            self._open_spool(options.spool_dir)
         if options.api_host is not None and options.api_key is not None:
             self.update_config(options.api_host, options.api_key, True)
         _register(self)
+        if self._has_backlog():
+            self._start()  # events left by an earlier process go out now, not on the first send
+
+    def _has_backlog(self) -> bool:
+        return self._recovery is not None
+
+    def _open_spool(self, directory: str) -> None:
+        try:
+            spool = Spool(directory, fsync=self.options.spool_fsync, max_bytes=self.options.spool_max_bytes,
+                          logger=self.logger)
+        except OSError as exc:
+            self.logger.error(f'ODP spool directory "{directory}" cannot be used ({exc.__class__.__name__}: '
+                              f"{exc.strerror or exc}).")
+            self.logger.warning("ODP events are kept in memory only: a crash can lose queued events.")
+            return
+        self._spool = spool
+        if spool.has_backlog():
+            self._recovery = spool.recover()
+            self._low_water = -1
 
     # ----------------------------------------------------------------- state shared with the caller
 
@@ -154,7 +179,11 @@ class EventManager:
         self._retry_heap: List[Tuple[float, int, _Batch]] = []
         self._retry_seq = itertools.count()
         self._live: Dict[int, _Batch] = {}
-        self._carry: Optional[Tuple[Encoded, Target]] = None
+        # Events taken from the queue: target resolved, encoded once (and spooled, with the spool on).
+        self._ready: Deque[Tuple[Encoded, Target]] = collections.deque()
+        self._recovered_count = 0
+        self._recovery = None
+        self._left_in_spool = 0
         self._partial_since: Optional[float] = None
         self._failing_since: Optional[float] = None
         self._last_failure_warning = -_WARN_EVERY
@@ -176,7 +205,7 @@ class EventManager:
             self.logger.error(_compat.ODP_NOT_INTEGRATED if state is NOT_INTEGRATED else self._refusal)
             return False
         queue = self._queue
-        if len(queue) >= self._capacity and not self._overflow():
+        if len(queue) + len(self._ready) >= self._capacity and not self._overflow():
             return True  # accepted, then dropped as queue_full (counted in _overflow)
         queue.append((pending, self._target))
         if self._worker is None:
@@ -319,7 +348,17 @@ class EventManager:
     def _finish(self) -> None:
         pending = self._pending_count()
         if pending > 0:
-            self._dropped["shutdown"] += pending
+            if self._spool is not None:
+                # Written to the spool: the next process with this spool_dir delivers them.
+                self._left_in_spool += pending - len(self._queue)
+                self._dropped["shutdown"] += len(self._queue)
+            else:
+                self._dropped["shutdown"] += pending
+        if self._spool is not None:
+            try:
+                self._spool.close()
+            except Exception:
+                _log.debug("spool close failed", exc_info=True)
         for _ in self._senders:
             self._send_queue.append(None)
             self._send_ready.release()
@@ -334,7 +373,9 @@ class EventManager:
         stats = self.stats()
         dropped = sum(stats["dropped"].values())
         line = (f"ODP event manager closed: {stats['delivered']} delivered, {dropped} dropped"
-                + (f" ({_reasons(stats['dropped'])})" if dropped else "") + ".")
+                + (f" ({_reasons(stats['dropped'])})" if dropped else "")
+                + (f", {self._left_in_spool} left in the spool for the next start" if self._left_in_spool else "")
+                + ".")
         if dropped:
             self.logger.warning(line)
         else:
@@ -350,23 +391,27 @@ class EventManager:
         if self._pid == os.getpid():
             return
         self._reset_runtime()
+        if self._spool is not None:
+            self._spool.after_fork()
 
     # ----------------------------------------------------------------- stats
 
     def _pending_count(self) -> int:
-        return self._accepted() - self._delivered - sum(self._dropped.values()) - self._overflowed
+        return (self._accepted() - self._delivered - sum(self._dropped.values()) - self._overflowed
+                - self._left_in_spool)
 
     def _accepted(self) -> int:
         # drop_oldest: an event popped by the caller to make room is in _overflowed, and the new
         # one took its place in the queue, so each accepted event is counted exactly once.
-        return self._popped + len(self._queue) + self._overflowed
+        return self._popped + len(self._queue) + self._overflowed + self._recovered_count
 
     def stats(self) -> Dict[str, Any]:
         """Delivery counts so far, in this process.
 
-        ``accepted == delivered + sum(dropped.values()) + pending`` at every moment the worker is
-        between two steps; once :meth:`flush` returns True or :meth:`close` returns, ``pending``
-        is 0. ``invalid`` counts calls discarded by validation (never accepted).
+        ``accepted == delivered + sum(dropped.values()) + pending + left_in_spool`` at every moment
+        the worker is between two steps; once :meth:`flush` returns True or :meth:`close` returns,
+        ``pending`` is 0. ``accepted`` includes ``recovered`` (events left in the spool by an
+        earlier process); ``invalid`` counts calls discarded by validation (never accepted).
         """
         dropped = dict(self._dropped)
         dropped["queue_full"] += self._overflowed
@@ -375,7 +420,9 @@ class EventManager:
             "accepted": accepted,
             "delivered": self._delivered,
             "dropped": dropped,
-            "pending": max(accepted - self._delivered - sum(dropped.values()), 0),
+            "pending": max(accepted - self._delivered - sum(dropped.values()) - self._left_in_spool, 0),
+            "recovered": self._recovered_count,
+            "left_in_spool": self._left_in_spool,
             "invalid": self._invalid,
             "requests": self._requests,
             "retries": self._retries,
@@ -429,12 +476,17 @@ class EventManager:
         now = time.monotonic()
         self._take_results(now)
         self._expire(now)
+        if self._spool is not None and self._queue:
+            # Durable quickly: what a crash can lose is what arrived since the last pass.
+            self._ingest(self._capacity)
         if self._closing and not self._close_seen:
             self._close_seen = True
             # Shutdown cuts every retry wait short; the close deadline bounds the whole.
             self._retry_heap = [(min(due, now), seq, batch) for due, seq, batch in self._retry_heap]
             heapq.heapify(self._retry_heap)
         if self._closing and (now >= self._close_deadline or self._nothing_left()):
+            if self._spool is not None and self._queue:
+                self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
             self._update_low_water()
             return None
         self._dispatch(now)
@@ -442,7 +494,7 @@ class EventManager:
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:
-        if self._live or self._carry is not None or self._in_flight:
+        if self._live or self._ready or self._in_flight or self._recovery is not None:
             return False
         if not self._queue:
             return True
@@ -450,9 +502,9 @@ class EventManager:
         return self._state is UNDETERMINED and self._queue[0][1] is None
 
     def _update_low_water(self) -> None:
-        low = self._popped + self._overflow_popped
-        if self._carry is not None:
-            low = min(low, self._carry[0].seq)
+        low = -1 if self._recovery is not None else self._popped + self._overflow_popped
+        if self._ready:
+            low = min(low, self._ready[0][0].seq)
         for batch in self._live.values():
             low = min(low, batch.min_seq)
         self._low_water = low
@@ -468,6 +520,8 @@ class EventManager:
             wake = min(wake, self._partial_since + self.options.flush_interval - now)
         if self._closing:
             wake = min(wake, self._close_deadline - now)
+        if self._spool is not None and self._queue:
+            wake = min(wake, SPOOL_INTERVAL)
         return max(wake, 0.001)
 
     def _take_results(self, now: float) -> None:
@@ -482,6 +536,7 @@ class EventManager:
             if verdict is Verdict.DELIVERED:
                 self._finish_batch(batch)
                 self._delivered += len(batch.events)
+                self._ack(batch.events)
                 if self._failing_since is not None:
                     self._recovered(now)
             elif verdict is Verdict.RETRY:
@@ -505,8 +560,17 @@ class EventManager:
 
     def _drop(self, events: List[Encoded], reason: str, line: Optional[str]) -> None:
         self._dropped[reason] += len(events)
+        self._ack(events)
         if line:
             self.logger.error(line)
+
+    def _ack(self, events: List[Encoded]) -> None:
+        """An outcome was reached: the spool need not keep these any longer."""
+        if self._spool is not None:
+            try:
+                self._spool.ack(events)
+            except Exception:
+                _log.exception("spool ack failed")
 
     def _schedule_retry(self, batch: _Batch, reply: Reply, now: float) -> None:
         batch.attempts += 1
@@ -574,68 +638,112 @@ class EventManager:
             return
         hurry = self._closing or self._flush_waiters > 0 or self.options.flush_interval <= 0
         while self._in_flight < limit:
-            waiting = len(self._queue) + (self._carry is not None)
-            if waiting == 0:
+            waiting = len(self._queue) + len(self._ready)
+            if waiting == 0 and self._recovery is None:
                 self._partial_since = None
                 return
-            if waiting < self._batch_size and not hurry:
+            if waiting < self._batch_size and not hurry and self._recovery is None:
                 if self._partial_since is None:
                     self._partial_since = now
                 if now - self._partial_since < self.options.flush_interval:
                     return
+            self._ingest(self._capacity if self._spool is not None else self._batch_size)
             new_batch = self._take_batch()
             if new_batch is None:
                 return
             self._live[id(new_batch)] = new_batch
             self._submit(new_batch, now)
-            self._partial_since = now if self._queue else None
+            self._partial_since = now if self._queue or self._ready else None
+
+    def _ingest(self, limit: int) -> None:
+        """Moves events to the ready list: the spool's backlog first, then the caller's queue.
+
+        Each event's target is resolved, its ``idempotence_id`` drawn and its JSON encoded once;
+        with the spool on, the group is appended to the spool before it can be sent.
+        """
+        ready = self._ready
+        while self._recovery is not None and len(ready) < limit:
+            try:
+                host, key, encoded = next(self._recovery)
+            except StopIteration:
+                self._recovery = None
+                break
+            except Exception:
+                _log.exception("reading the spool failed")
+                self.logger.error("ODP spool: reading events left by an earlier process failed; skipping the rest.")
+                self._recovery = None
+                break
+            encoded.seq = -1  # before everything of this process: flush() waits for these too
+            self._recovered_count += 1
+            ready.append((encoded, Target(host, key, events_url(host))))
+        queue = self._queue
+        group: List[Tuple[Target, Encoded]] = []
+        max_bytes = self.options.max_batch_bytes
+        while queue and len(ready) < limit:
+            pending, target = queue[0]
+            if target is None:
+                # Sent before the datafile arrived: it takes the first ODP settings, once known.
+                if self._state is UNDETERMINED:
+                    break
+                target = self._initial_target
+            queue.popleft()
+            self._popped += 1
+            if target is None:
+                self._drop_unintegrated()
+                continue
+            try:
+                encoded = encode(pending, self._defaults)
+            except (TypeError, ValueError) as exc:
+                self._dropped["invalid"] += 1
+                self.logger.error(_compat.ODP_EVENT_FAILED.format(f"event cannot be encoded: {exc}"))
+                continue
+            encoded.seq = self._popped + self._overflow_popped - 1
+            if batch_size_bytes(1, len(encoded)) > max_bytes:
+                self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
+                    f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "
+                    f"({max_bytes}); dropped"))
+                continue
+            ready.append((encoded, target))
+            group.append((target, encoded))
+        if group and self._spool is not None:
+            self._spool_append(group)
+
+    def _spool_append(self, group: List[Tuple[Target, Encoded]]) -> None:
+        spool = self._spool
+        assert spool is not None
+        try:
+            kept = spool.append([(target.host, target.key, encoded) for target, encoded in group])
+        except Exception as exc:
+            _log.exception("spool append failed")
+            self.logger.error(f"ODP spool: writing failed ({exc.__class__.__name__}: {exc}); "
+                              "continuing with memory-only delivery.")
+            self._spool = None
+            return
+        refused = len(group) - kept
+        if refused > 0:
+            # Over spool_max_bytes: the newest events of this group were not written; drop them.
+            for _ in range(refused):
+                self._ready.pop()
+            self._drop([e for _, e in group[kept:]], "queue_full", None)
+            self.logger.warning(f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
+                                f"dropped {refused} new event(s).")
 
     def _take_batch(self) -> Optional[_Batch]:
-        """Builds the next batch from the queue: one target, up to batch_size and max_batch_bytes."""
+        """The next batch from the ready list: one target, up to batch_size and max_batch_bytes."""
         events: List[Encoded] = []
         target: Optional[Target] = None
         body_bytes = 0
         max_bytes = self.options.max_batch_bytes
-        queue = self._queue
-        while len(events) < self._batch_size:
-            if self._carry is not None:
-                encoded, item_target = self._carry
-                self._carry = None
-            else:
-                if not queue:
-                    break
-                pending, queued_target = queue[0]
-                if queued_target is None:
-                    # Sent before the datafile arrived: it takes the first ODP settings, once known.
-                    if self._state is UNDETERMINED:
-                        break
-                    queue.popleft()
-                    self._popped += 1
-                    if self._initial_target is None:
-                        self._drop_unintegrated()
-                        continue
-                    queued_target = self._initial_target
-                else:
-                    queue.popleft()
-                    self._popped += 1
-                item_target = queued_target
-                try:
-                    encoded = encode(pending, self._defaults)
-                except (TypeError, ValueError) as exc:
-                    self._dropped["invalid"] += 1
-                    self.logger.error(_compat.ODP_EVENT_FAILED.format(f"event cannot be encoded: {exc}"))
-                    continue
-                encoded.seq = self._popped + self._overflow_popped - 1
-                if batch_size_bytes(1, len(encoded)) > max_bytes:
-                    self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
-                        f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "
-                        f"({max_bytes}); dropped"))
-                    continue
+        ready = self._ready
+        while ready and len(events) < self._batch_size:
+            encoded, item_target = ready[0]
             if target is None:
                 target = item_target
-            if item_target is not target or batch_size_bytes(len(events) + 1, body_bytes + len(encoded)) > max_bytes:
-                self._carry = (encoded, item_target)
+            elif item_target != target:
                 break
+            if events and batch_size_bytes(len(events) + 1, body_bytes + len(encoded)) > max_bytes:
+                break
+            ready.popleft()
             events.append(encoded)
             body_bytes += len(encoded)
         if not events or target is None:
