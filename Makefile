@@ -22,7 +22,7 @@ demo: $(BIN)/.installed
 
 ## test: lint, types, the test suite on every supported SDK line and Python, examples, wheel smoke test
 test: $(BIN)/.installed
-	$(BIN)/nox --no-error-on-missing-interpreters=false
+	$(BIN)/python tools/run_matrix.py
 
 ## test-fast: the test suite on this venv's SDK (5.7.0) only
 test-fast: $(BIN)/.installed

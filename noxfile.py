@@ -5,9 +5,16 @@ Every SDK line on one Python, and every Python on the latest SDK; see the README
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from typing import Iterator
+
 import nox
 
 nox.options.reuse_existing_virtualenvs = True
+# The interpreter's own venv module: current virtualenv releases cannot seed Python 3.8.
+nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 nox.options.sessions = ["lint", "typecheck", "tests", "tests_python", "examples", "dist"]
 
@@ -18,11 +25,27 @@ SDKS = {
     "5.0": "optimizely-sdk~=5.0.0",  # the first line with ODP
     "5.7": "optimizely-sdk==5.7.0",  # the latest
 }
-TEST_TOOLS = ["pytest==9.2.0", "hypothesis==6.170.17"]
+# Ranges, not pins: the newest pytest and hypothesis have dropped the oldest Pythons of the matrix,
+# and pip picks the newest release each interpreter supports.
+TEST_TOOLS = ["pytest>=7.4,<10", "hypothesis>=6.80,<7"]
 
 
-def _install(session: nox.Session, sdk: str) -> None:
-    session.install("-e", ".", SDKS[sdk], *TEST_TOOLS)
+@contextlib.contextmanager
+def _install_lock() -> Iterator[None]:
+    """Sessions run in parallel (tools/run_matrix.py); building the editable install writes into
+    the source tree, so one session at a time does it."""
+    os.makedirs(".nox", exist_ok=True)
+    with open(".nox/install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _install(session: nox.Session, sdk: str, *extra: str) -> None:
+    with _install_lock():
+        session.install("-e", ".", SDKS[sdk], *extra)
 
 
 @nox.session(python=MAIN_PYTHON)
@@ -35,7 +58,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=MAIN_PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package (configured in pyproject.toml)."""
-    session.install("-e", ".", SDKS["5.7"], "mypy==2.4.1", "types-requests")
+    _install(session, "5.7", "mypy==2.4.1", "types-requests", "pytest>=7.4,<10")
     session.run("mypy")
 
 
@@ -43,14 +66,14 @@ def typecheck(session: nox.Session) -> None:
 @nox.parametrize("sdk", list(SDKS))
 def tests(session: nox.Session, sdk: str) -> None:
     """The whole suite on each SDK line."""
-    _install(session, sdk)
+    _install(session, sdk, *TEST_TOOLS)
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 
 @nox.session(python=OTHER_PYTHONS)
 def tests_python(session: nox.Session) -> None:
     """The whole suite on every other Python, on the latest SDK."""
-    _install(session, "5.7")
+    _install(session, "5.7", *TEST_TOOLS)
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
 
@@ -72,7 +95,8 @@ def dist(session: nox.Session) -> None:
 
     shutil.rmtree("dist", ignore_errors=True)
     session.install("build==1.6.1")
-    session.run("python", "-m", "build", "--outdir", "dist", ".")
+    with _install_lock():
+        session.run("python", "-m", "build", "--outdir", "dist", ".")
     wheel = glob.glob("dist/*.whl")[0]
     session.install(wheel, SDKS["5.7"])
     session.chdir(session.create_tmp())
