@@ -650,6 +650,9 @@ class EventManager:
             self._ingest(self._capacity if self._spool is not None else self._batch_size)
             new_batch = self._take_batch()
             if new_batch is None:
+                # Nothing sendable (events held for the datafile): no timed wake-up, or the worker
+                # would spin every millisecond; update_config() and enqueue() wake it.
+                self._partial_since = None
                 return
             self._live[id(new_batch)] = new_batch
             self._submit(new_batch, now)
@@ -751,9 +754,9 @@ class EventManager:
         return _Batch(events, target)
 
     def _drop_unintegrated(self) -> None:
-        # Counted one by one, logged once per run of them.
+        # Counted one by one, logged once per run of them (when the run ends).
         self._dropped["not_integrated"] += 1
-        if self._dropped["not_integrated"] == 1 or not self._queue or self._queue[0][1] is not None:
+        if not self._queue or self._queue[0][1] is not None:
             self.logger.error(
                 f"{_compat.ODP_NOT_INTEGRATED} Discarded event(s) sent before the datafile was loaded "
                 f"({self._dropped['not_integrated']} so far).")
