@@ -187,6 +187,8 @@ class EventManager:
         self._partial_since: Optional[float] = None
         self._failing_since: Optional[float] = None
         self._last_failure_warning = -_WARN_EVERY
+        self._last_spool_warning = -_WARN_EVERY
+        self._spool_refused = 0  # dropped by a full spool since the last warning about it
         self._low_water = 0
 
     def enqueue(self, pending: Pending) -> bool:
@@ -728,8 +730,13 @@ class EventManager:
             for _ in range(refused):
                 self._ready.pop()
             self._drop([e for _, e in group[kept:]], "queue_full", None)
-            self.logger.warning(f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
-                                f"dropped {refused} new event(s).")
+            self._spool_refused += refused
+            now = time.monotonic()
+            if now - self._last_spool_warning >= _WARN_EVERY:  # like the queue's: at most one per _WARN_EVERY
+                self._last_spool_warning = now
+                refused, self._spool_refused = self._spool_refused, 0
+                self.logger.warning(f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
+                                    f"dropped {refused} new event(s) since the last warning.")
 
     def _take_batch(self) -> Optional[_Batch]:
         """The next batch from the ready list: one target, up to batch_size and max_batch_bytes."""

@@ -43,7 +43,8 @@ def test_clients_made_before_and_after_class_install_both_deliver(
         after = make_client(odp_server.url)
         before.send_odp_event("a", {"fs_user_id": "u1"}, data={"idempotence_id": "before"})
         after.send_odp_event("a", {"fs_user_id": "u2"}, data={"idempotence_id": "after"})
-        assert before.flush_odp_events(5) and after.flush_odp_events(5)
+        assert before.flush_odp_events(5)
+        assert after.flush_odp_events(5)
         assert _ids(odp_server) == ["after", "before"]
         agents = {r.headers.get("user-agent", "").split(" ")[0] for r in odp_server.requests}
         assert agents == {f"optimizely-odp-ext/{optimizely_odp_ext.__version__}"}
@@ -55,7 +56,8 @@ def test_instance_install_on_one_client_leaves_the_other_alone(
         odp_server: FakeOdpServer, make_client: Callable[..., Any]) -> None:
     ours, theirs = make_client(odp_server.url), make_client(odp_server.url)
     assert optimizely_odp_ext.install(ours, **FAST)
-    assert "send_odp_event" in ours.__dict__ and "send_odp_event" not in theirs.__dict__
+    assert "send_odp_event" in ours.__dict__
+    assert "send_odp_event" not in theirs.__dict__
     ours.send_odp_event("a", {"fs_user_id": "u1"}, data={"idempotence_id": "ours"})
     assert ours.flush_odp_events(5)
     assert _ids(odp_server) == ["ours"]
@@ -75,7 +77,8 @@ def test_several_clients_with_their_own_odp_keys(make_client: Callable[..., Any]
         for i in range(30):
             first.send_odp_event("a", {"fs_user_id": "u"}, data={"idempotence_id": f"a-{i}"})
             second.send_odp_event("b", {"fs_user_id": "u"}, data={"idempotence_id": f"b-{i}"})
-        assert first.flush_odp_events(5) and second.flush_odp_events(5)
+        assert first.flush_odp_events(5)
+        assert second.flush_odp_events(5)
         by_key = {key: sorted(e["data"]["idempotence_id"] for e in events)
                   for key, events in server.events_by_key().items()}
         assert by_key == {TEST_KEY: sorted(f"a-{i}" for i in range(30)),
@@ -170,7 +173,8 @@ def test_sdk_identify_events_go_through_our_manager_and_back_after_uninstall(
 
     optimizely_odp_ext.uninstall()
     restored = client.odp_manager.event_manager
-    assert isinstance(restored, OdpEventManager) and restored.is_running
+    assert isinstance(restored, OdpEventManager)
+    assert restored.is_running
     optimizely_odp_ext.install(**FAST)  # the fixture's uninstall() expects it installed
 
 
