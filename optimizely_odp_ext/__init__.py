@@ -17,7 +17,7 @@ See the README for the options and the delivery guarantees.
 from __future__ import annotations
 
 from ._version import __version__
-from .extension import UnsupportedSdkError, install, uninstall
+from .extension import install, uninstall
 from .settings import ConfigurationError, Options
 
-__all__ = ["ConfigurationError", "Options", "UnsupportedSdkError", "__version__", "install", "uninstall"]
+__all__ = ["ConfigurationError", "Options", "__version__", "install", "uninstall"]

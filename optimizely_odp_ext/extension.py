@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from . import _compat, _sdk_bridge
 from .event import DEFAULT_TYPE, OdpData, validate
-from .manager import EventManager
+from .manager import UNDETERMINED, EventManager
 from .settings import ConfigurationError, Options, client_logger, from_client, make_options, odp_integration
 
 _log = logging.getLogger(__name__)
@@ -33,15 +33,11 @@ _class_explicit: frozenset = frozenset()  # type: ignore[type-arg]
 _class_states: weakref.WeakSet[_ClientState] = weakref.WeakSet()
 
 
-class UnsupportedSdkError(ConfigurationError):
-    """The installed optimizely-sdk is outside the supported range."""
-
-
 class _ClientState:
     """One client's plugin state: its manager, its logger, its datafile listener."""
 
     __slots__ = ("__weakref__", "bridge", "client", "disabled", "instance_attrs", "listener", "logger",
-                 "manager", "options")
+                 "manager", "options", "static_config")
 
     def __init__(self, client: Any, options: Options, logger: Any, manager: EventManager) -> None:
         self.client = weakref.ref(client)
@@ -49,6 +45,9 @@ class _ClientState:
         self.logger = logger
         self.manager = manager
         self.disabled = bool(options.odp_disabled)
+        # A config manager that never fetches (StaticConfigManager) will not bring a datafile later.
+        manager_of_config = getattr(client, "config_manager", None)
+        self.static_config = manager_of_config is not None and not hasattr(manager_of_config, "fetch_datafile")
         self.listener: Optional[Callable[[], None]] = None
         self.bridge: Optional[_sdk_bridge.SdkEventManagerBridge] = None
         # Instance level: the attributes we set on the instance and what was there before.
@@ -99,7 +98,12 @@ class OdpExtensionMixin:
             if state.disabled:
                 state.logger.error(_compat.ODP_NOT_ENABLED)
                 return
-            state.manager.enqueue(event)  # type: ignore[arg-type]
+            manager = state.manager
+            if manager.state is UNDETERMINED and state.static_config and _read_config(self) is None:
+                # A datafile given at construction that did not parse: none will ever come.
+                state.logger.error(_compat.INVALID_PROJECT_CONFIG.format("send_odp_event"))
+                return
+            manager.enqueue(event)  # type: ignore[arg-type]
         except Exception as exc:  # the application never sees our failures
             _log.exception("send_odp_event failed")
             with contextlib.suppress(Exception):

@@ -157,6 +157,9 @@ class EventManager:
         self._results: Deque[Tuple[_Batch, Reply]] = collections.deque()
         self._transport: Optional[Transport] = None
         self._closing = False
+        self._finished = False
+        self._idle = False
+        self._seen_empty = True
         self._close_seen = False
         self._close_deadline = 0.0
         self._flush_waiters = 0
@@ -213,8 +216,10 @@ class EventManager:
         if self._worker is None:
             self._start()
         size = len(queue)
-        if size == 1 or size % self._batch_size == 0:
+        if size == 1 or size % self._batch_size == 0 or self._idle:
             self._wake.set()
+        if self._finished:
+            return self._refuse_late()
         return True
 
     def count_invalid(self) -> None:
@@ -347,7 +352,30 @@ class EventManager:
             worker.join(budget + 1.0)
         self._finish()
 
+    def _refuse_late(self) -> bool:
+        """An event appended while close() finished: whoever pops it counts it, exactly once."""
+        if self._drain_after_finish():
+            self.logger.error("ODP event not sent: the ODP event manager is closed.")
+        return False
+
+    def _drain_after_finish(self) -> int:
+        """Counts what is left in the queue once the worker is gone as dropped at shutdown."""
+        drained = 0
+        with self._count_lock:
+            while True:
+                try:
+                    self._queue.popleft()
+                except IndexError:
+                    break
+                drained += 1
+            self._popped += drained
+            self._dropped["shutdown"] += drained
+        return drained
+
     def _finish(self) -> None:
+        self._finished = True
+        if self._spool is None:
+            self._drain_after_finish()
         pending = self._pending_count()
         if pending > 0:
             if self._spool is not None:
@@ -471,7 +499,14 @@ class EventManager:
             if timeout is None:
                 break
             if timeout > 0:
-                self._wake.wait(timeout)
+                # Callers wake an idle worker on every append (see enqueue); the flag is raised
+                # before the last look at the queue, so an append is either seen here or wakes us.
+                # Only a worker that found the queue empty waits for callers; otherwise a timer
+                # (flush interval, backoff, close deadline) or a full batch wakes it.
+                self._idle = self._seen_empty
+                if not (self._idle and self._queue):
+                    self._wake.wait(timeout)
+                self._idle = False
 
     def _step(self) -> Optional[float]:
         """One pass. Returns how long to sleep, or None to stop (closing and done, or deadline)."""
@@ -493,6 +528,7 @@ class EventManager:
             return None
         self._dispatch(now)
         self._update_low_water()
+        self._seen_empty = not self._queue
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:
@@ -685,13 +721,18 @@ class EventManager:
         group: List[Tuple[Target, Encoded]] = []
         max_bytes = self.options.max_batch_bytes
         while queue and len(ready) < limit:
-            pending, target = queue[0]
+            # Pop first, then look: with overflow="drop_oldest" callers pop from this end too.
+            try:
+                item = queue.popleft()
+            except IndexError:
+                break
+            pending, target = item
             if target is None:
                 # Sent before the datafile arrived: it takes the first ODP settings, once known.
                 if self._state is UNDETERMINED:
+                    queue.appendleft(item)
                     break
                 target = self._initial_target
-            queue.popleft()
             self._popped += 1
             if target is None:
                 self._drop_unintegrated()
@@ -710,6 +751,10 @@ class EventManager:
                 continue
             ready.append((encoded, target))
             group.append((target, encoded))
+            if len(group) >= self._batch_size and self._spool is not None:
+                # Written as it goes: a caller outpacing this loop must not keep everything in memory.
+                self._spool_append(group)
+                group = []
         if group and self._spool is not None:
             self._spool_append(group)
 

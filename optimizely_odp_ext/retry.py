@@ -7,6 +7,7 @@ event is alone; every other 4xx (401, 403, 404, ...) will not succeed on retry.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import enum
 import math
@@ -69,6 +70,8 @@ def parse_retry_after(value: Optional[str], now_wall: Optional[float] = None) ->
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
+        if when.tzinfo is None:  # RFC 7231: the asctime and "-0000" forms are GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
         # An HTTP date is wall-clock by definition; this is the one place time.time() belongs.
         seconds = when.timestamp() - (time.time() if now_wall is None else now_wall)
     if not math.isfinite(seconds):

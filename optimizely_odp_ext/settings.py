@@ -79,8 +79,11 @@ class Options:
     logger: Optional[Any] = None
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "max_batch_bytes", "queue_capacity", "max_in_flight",
-                    "request_timeout", "connect_timeout", "spool_max_bytes")
+        for name in ("batch_size", "max_batch_bytes", "queue_capacity", "max_in_flight", "spool_max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigurationError(f"{name} must be a positive whole number, got {value!r}.")
+        positive = ("request_timeout", "connect_timeout")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
