@@ -42,8 +42,9 @@ INTEGRATED = "integrated"
 NOT_INTEGRATED = "not_integrated"
 REFUSED = "refused"
 
-DROP_REASONS = ("rejected", "too_large", "queue_full", "retry_expired", "shutdown", "not_integrated",
-                "invalid")
+# "unconfirmed": a request was in flight when the close deadline passed; ODP may have accepted it.
+DROP_REASONS = ("rejected", "too_large", "queue_full", "retry_expired", "shutdown", "unconfirmed",
+                "not_integrated", "invalid")
 
 SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
 _WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
@@ -177,6 +178,7 @@ class EventManager:
         self._requests = 0
         self._retries = 0
         self._in_flight = 0
+        self._in_flight_events = 0
         self._probe_in_flight = False
         self._priority: Deque[_Batch] = collections.deque()
         self._retry_heap: List[Tuple[float, int, _Batch]] = []
@@ -239,7 +241,9 @@ class EventManager:
                     self._queue.popleft()
                     self._overflow_popped += 1
                 except IndexError:
-                    pass
+                    # Everything waiting is already with the worker (read from the spool, or
+                    # encoded): nothing older to drop here, so the new event is the one dropped.
+                    make_room = False
             if now - self._last_overflow_warning >= _WARN_EVERY:
                 dropped, self._overflow_since_warning = self._overflow_since_warning, 0
                 self._last_overflow_warning = now
@@ -377,6 +381,10 @@ class EventManager:
         if self._spool is None:
             self._drain_after_finish()
         pending = self._pending_count()
+        unconfirmed = min(self._in_flight_events, max(pending, 0))
+        if unconfirmed and self._spool is None:
+            self._dropped["unconfirmed"] += unconfirmed
+            pending -= unconfirmed
         if pending > 0:
             if self._spool is not None:
                 # Written to the spool: the next process with this spool_dir delivers them.
@@ -420,6 +428,7 @@ class EventManager:
         """In a forked child: a fresh queue, worker and connections; the parent's events stay the parent's."""
         if self._pid == os.getpid():
             return
+        self._lifecycle = threading.Lock()  # another thread may have held it at fork time
         self._reset_runtime()
         if self._spool is not None:
             self._spool.after_fork()
@@ -567,6 +576,7 @@ class EventManager:
         while results:
             batch, reply = results.popleft()
             self._in_flight -= 1
+            self._in_flight_events -= len(batch.events)
             was_probe, batch.probe = batch.probe, False
             if was_probe:
                 self._probe_in_flight = False
@@ -653,7 +663,7 @@ class EventManager:
                 self._finish_batch(batch)
                 self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
                     f"gave up on {len(batch.events)} event(s): retry window of "
-                    f"{self._policy.window:.0f} s expired"))
+                    f"{self._policy.window:g} s expired"))
             else:
                 kept.append(entry)
         if len(kept) != len(heap):
@@ -665,15 +675,22 @@ class EventManager:
         while self._priority and self._in_flight < limit:
             self._submit(self._priority.popleft(), now)
         if self._retry_heap or self._probe_in_flight:
-            # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
-            if not self._probe_in_flight and self._in_flight < limit:
-                due, _, batch = self._retry_heap[0]
-                if due <= now:
-                    heapq.heappop(self._retry_heap)
-                    batch.probe = True
-                    self._probe_in_flight = True
-                    self._submit(batch, now)
-            return
+            if self._failing_since is not None or self._probe_in_flight:
+                # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
+                if not self._probe_in_flight and self._in_flight < limit:
+                    due, _, batch = self._retry_heap[0]
+                    if due <= now:
+                        heapq.heappop(self._retry_heap)
+                        batch.probe = True
+                        self._probe_in_flight = True
+                        self._submit(batch, now)
+                return
+            # ODP answers again: the batches that waited go first, as many at once as allowed.
+            heap = self._retry_heap
+            while heap and self._in_flight < limit and heap[0][0] <= now:
+                self._submit(heapq.heappop(heap)[2], now)
+            if heap:
+                return
         hurry = self._closing or self._flush_waiters > 0 or self.options.flush_interval <= 0
         while self._in_flight < limit:
             waiting = len(self._queue) + len(self._ready)
@@ -817,6 +834,7 @@ class EventManager:
         if batch.first_attempt is None:
             batch.first_attempt = now
         self._in_flight += 1
+        self._in_flight_events += len(batch.events)
         self._requests += 1
         self._send_queue.append(batch)
         self._send_ready.release()
@@ -873,7 +891,10 @@ def _close_all_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    for manager in live_managers():
+    global _REGISTRY_LOCK
+    # Another thread may have held the lock at fork time; in the child it would never be released.
+    _REGISTRY_LOCK = threading.Lock()
+    for manager in list(_MANAGERS):
         manager._after_fork()
 
 
