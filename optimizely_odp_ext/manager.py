@@ -891,7 +891,7 @@ def _close_all_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _REGISTRY_LOCK
+    global _REGISTRY_LOCK  # noqa: PLW0603 - replaced in the child, see below
     # Another thread may have held the lock at fork time; in the child it would never be released.
     _REGISTRY_LOCK = threading.Lock()
     for manager in list(_MANAGERS):

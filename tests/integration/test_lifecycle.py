@@ -340,7 +340,7 @@ def _split_drops(line: str, prefix: str) -> bool:
     head, _, reasons = line.partition(" (")
     if head != prefix:
         return False
-    total = int(prefix.rsplit(", ", 1)[1].split()[0])
+    total = int(prefix.rsplit(", ", 1)[1].split(maxsplit=1)[0])
     counts = {}
     for part in reasons.rstrip(").").split(", "):
         number, reason = part.split(" ", 1)
