@@ -21,7 +21,8 @@ from typing import List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".nox" / "logs"
-SUMMARY = re.compile(r"^=+ (.*(passed|failed|error).*) in [0-9.]+s.*=+$")
+# pytest's closing line, with or without the "=====" frame (-q drops it).
+SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|errors?)\b.*?) in [0-9.]+s\b.*$")
 
 
 def sessions(nox: List[str]) -> List[str]:
@@ -53,7 +54,8 @@ def main() -> int:
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for session, code, seconds, log in pool.map(lambda n: run(nox, n), names):
             text = Path(log).read_text(errors="replace")
-            summary = next((m.group(1) for line in text.splitlines() if (m := SUMMARY.match(line.strip()))), "")
+            summaries = [m.group(1) for line in text.splitlines() if (m := SUMMARY.match(line.strip()))]
+            summary = summaries[-1] if summaries else ""
             passed += sum(int(n) for n in re.findall(r"(\d+) passed", summary))
             failed_tests += sum(int(n) for n in re.findall(r"(\d+) (?:failed|error)", summary))
             status = "ok" if code == 0 else f"FAILED (exit {code})"
