@@ -321,3 +321,29 @@ def test_property_valid_input_round_trips(
         assert uuid.UUID(idempotence_id).version == 4
     expected_data.pop("idempotence_id", None)
     assert decoded["data"] == expected_data
+
+
+def test_generated_idempotence_ids_are_unique_uuid4_and_differ_after_fork() -> None:
+    import os
+    import uuid
+
+    from optimizely_odp_ext.event import _ids
+
+    drawn = [_ids.next() for _ in range(2000)]
+    assert len(set(drawn)) == 2000
+    for value in drawn[:300]:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, value)
+    if not hasattr(os, "fork"):
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id must not be the parent's next one
+        os.write(write, _ids.next().encode())
+        os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child_id != _ids.next()
+    assert uuid.UUID(child_id).version == 4

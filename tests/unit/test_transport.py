@@ -260,3 +260,17 @@ def test_close_is_harmless_twice() -> None:
     transport = RequestsTransport()
     transport.close()
     transport.close()
+
+
+def test_environment_settings_are_read_once_per_url_and_honour_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimizely_odp_ext.transport import _environment_settings
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/custom.pem")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    settings = _environment_settings("https://api.zaius.com/v3/events")
+    assert settings["proxies"].get("https") == "http://proxy.invalid:3128"
+    assert settings["verify"] == "/etc/ssl/certs/custom.pem"
+    monkeypatch.setenv("NO_PROXY", "api.zaius.com")
+    assert "https" not in _environment_settings("https://api.zaius.com/v3/events")["proxies"]
