@@ -1,0 +1,762 @@
+"""Side-by-side benchmark: the SDK's own ``send_odp_event`` against ``optimizely_odp_ext`` (issue 5).
+
+Run from the repository root::
+
+    make bench                                  # = .venv/bin/python benchmarks/run.py
+    .venv/bin/python benchmarks/run.py --quick  # a smaller run (about a minute)
+
+One ``FakeOdpServer`` on 127.0.0.1 runs in this process for the whole run. Every scenario of every
+target runs in a fresh subprocess (``bench_worker.py``) so RSS, CPU and threads are its own:
+
+* target ``sdk``  — a plain ``optimizely.Optimizely`` client whose datafile integrates ODP at the fake
+  server: the SDK's own ODP event manager (batch size 10, flush interval 1 s, queue of 1,000);
+* target ``ours`` — another plain client with ``optimizely_odp_ext.install(client)`` (default options).
+
+Every event carries a unique ``idempotence_id``, so delivered / lost / duplicated are counted
+exactly from the server's records. Results go to ``benchmarks/RESULTS.md`` (regenerated every run)
+and to stdout. Not part of the test suite. Only the standard library and the package's venv are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from optimizely_odp_ext.testing import FakeOdpServer  # noqa: E402
+
+WORKER = os.path.join(HERE, "bench_worker.py")
+API_KEY = "bench-odp-key"
+TARGETS = ("sdk", "ours")
+SDK_QUIET_SECONDS = 2.5  # the SDK is done when no request came for this long (its flush interval is 1 s)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+class Settings:
+    def __init__(self, quick: bool, repeats: Optional[int]) -> None:
+        self.quick = quick
+        self.caller_calls = 4_000 if quick else 20_000
+        self.caller_warmup = 500 if quick else 1_000
+        self.events = 5_000 if quick else 20_000
+        self.memory_events = 10_000  # the default queue_capacity of ours; the SDK keeps at most 1,000
+        self.memory_warmup = 200
+        self.repeats = repeats if repeats is not None else (1 if quick else 3)
+        self.latency = 0.05
+        self.deliver_deadline = 60.0 if quick else 120.0
+
+
+# ----------------------------------------------------------------------------- one subprocess
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """A bench_worker.py subprocess and its line protocol (every wait bounded)."""
+
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in finish()
+        self.proc = subprocess.Popen(
+            [sys.executable, WORKER, json.dumps(cfg)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=ROOT,
+        )
+        self._lines: queue.Queue[Optional[str]] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="bench-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def expect(self, phase: str, timeout: float) -> Dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerError(f"no '{phase}' from the worker within {timeout:.0f} s")
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise WorkerError(f"worker exited before '{phase}' (rc={self.proc.poll()}): {self.stderr_tail()}")
+            if not line.startswith("@@"):
+                continue
+            message: Dict[str, Any] = json.loads(line[2:])
+            if message.get("phase") == phase:
+                return message
+
+    def command(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(text + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def stderr_tail(self) -> str:
+        try:
+            self._stderr.seek(0)
+            return self._stderr.read()[-2000:].strip()
+        except (OSError, ValueError):
+            return ""
+
+    def finish(self, timeout: float = 30.0) -> None:
+        """Waits for the worker to exit; kills it (this process's own child, by handle) if it does not."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+        self._stderr.close()
+
+
+# ----------------------------------------------------------------------------- server records
+
+
+def wait_for_delivery(server: FakeOdpServer, expected: int, deadline: float, quiet: float) -> str:
+    """Until all ``expected`` events are recorded, or no request came for ``quiet`` s, or the deadline."""
+    seen = 0
+    end = time.monotonic() + deadline
+    while True:
+        if server.wait_for_events(expected, 0):
+            return "all"
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            return "deadline"
+        if not server.wait_for_requests(seen + 1, min(quiet, remaining)):
+            return "quiet" if remaining > quiet else "deadline"
+        seen += 1
+
+
+def server_view(server: FakeOdpServer, tag: str, sent: int, latency: float) -> Dict[str, Any]:
+    """Exact delivery counts from the server's records for the ids ``{tag}-00000000`` .. ``sent - 1``."""
+    expected = {f"{tag}-{i:08d}" for i in range(sent)}
+    ids = [event.get("data", {}).get("idempotence_id") for event in server.events]
+    unique = set(ids)
+    requests = server.requests
+    accepted = [r for r in requests if r.status == 202]
+    statuses: Dict[str, int] = {}
+    for r in requests:
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    return {
+        "delivered": len(unique & expected),
+        "lost": len(expected - unique),
+        "duplicated": len(ids) - len(unique),
+        "foreign": len(unique - expected),
+        "requests": len(requests),
+        "statuses": statuses,
+        "connections": server.connection_count,
+        "t_last_event": (max(r.received_at for r in accepted) + latency) if accepted else None,
+    }
+
+
+def run_one(server: FakeOdpServer, cfg: Dict[str, Any], latency: float, settings: Settings) -> Dict[str, Any]:
+    """One scenario for one target in a fresh subprocess; returns the worker's and the server's figures."""
+    server.reset()
+    server.set_latency(latency)
+    worker = Worker(cfg)
+    try:
+        if cfg["scenario"] == "memory":
+            ready = worker.expect("ready", 90)
+            server.fail_for(3600)  # an outage: every request gets 503 until cleared below
+            worker.command("go")
+            sent = worker.expect("sent", 90)
+            sent["warm_drained"] = ready.get("warm_drained")
+            server.fail_for(0)  # ODP answers again: the worker drains what it held, then closes
+            worker.command("drain")
+            final = worker.expect("final", settings.deliver_deadline + 60)
+            delivery = "drained" if final.get("drained") else "not drained"
+        else:
+            sent = worker.expect("sent", settings.deliver_deadline + 60)
+            delivery = wait_for_delivery(server, sent["sent"], settings.deliver_deadline, SDK_QUIET_SECONDS)
+            worker.command("close")
+            final = worker.expect("final", 60)
+        view = server_view(server, cfg["tag"], sent["sent"], latency)
+        return {"ok": True, "sent": sent, "final": final, "server": view, "delivery": delivery}
+    except WorkerError as exc:
+        return {"ok": False, "error": str(exc)}
+    finally:
+        worker.finish()
+        server.reset()
+
+
+# ----------------------------------------------------------------------------- the scenarios
+
+
+class Bench:
+    def __init__(self, server: FakeOdpServer, settings: Settings) -> None:
+        self.server = server
+        self.settings = settings
+        self.counter = 0
+        self.log: List[str] = []
+
+    def cfg(self, target: str, scenario: str, **extra: Any) -> Dict[str, Any]:
+        self.counter += 1
+        return {"target": target, "scenario": scenario, "url": self.server.url, "key": API_KEY,
+                "tag": f"r{self.counter:03d}{target}", "options": {}, **extra}
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        self.log.append(text)
+
+    def repeat(self, label: str, make_cfg: Callable[[str], Dict[str, Any]], latency: float,
+               targets: Sequence[str] = TARGETS) -> Dict[str, List[Dict[str, Any]]]:
+        runs: Dict[str, List[Dict[str, Any]]] = {t: [] for t in targets}
+        for index in range(self.settings.repeats):
+            for target in targets:
+                started = time.monotonic()
+                result = run_one(self.server, make_cfg(target), latency, self.settings)
+                runs[target].append(result)
+                self.say(f"  {label} [{target}] run {index + 1}/{self.settings.repeats}: "
+                         f"{summary(result)} ({time.monotonic() - started:.1f} s)")
+        return runs
+
+    def caller(self, threads: int) -> Dict[str, List[Dict[str, Any]]]:
+        s = self.settings
+        return self.repeat(f"caller cost, {threads} thread(s)",
+                           lambda t: self.cfg(t, "caller", threads=threads, calls=s.caller_calls,
+                                              warmup=s.caller_warmup, deadline=s.deliver_deadline), 0.0)
+
+    def throughput(self, latency: float, options: Optional[Dict[str, Any]] = None,
+                   targets: Sequence[str] = TARGETS) -> Dict[str, List[Dict[str, Any]]]:
+        s = self.settings
+        return self.repeat(f"throughput, {latency * 1000:.0f} ms" + (f" {options}" if options else ""),
+                           lambda t: self.cfg(t, "throughput", events=s.events, deadline=s.deliver_deadline,
+                                              options=options or {}), latency, targets)
+
+    def ceiling(self, latency: float, connections: int) -> Dict[str, List[Dict[str, Any]]]:
+        s = self.settings
+        started = time.monotonic()
+        result = run_one(self.server, self.cfg("bare", "ceiling", events=s.events, connections=connections,
+                                                deadline=s.deliver_deadline), latency, s)
+        self.say(f"  ceiling, {latency * 1000:.0f} ms, {connections} connections [bare requests]: {summary(result)} "
+                 f"({time.monotonic() - started:.1f} s)")
+        return {"bare": [result]}
+
+    def memory(self) -> Dict[str, List[Dict[str, Any]]]:
+        s = self.settings
+        runs: Dict[str, List[Dict[str, Any]]] = {}
+        for target in TARGETS:
+            started = time.monotonic()
+            result = run_one(self.server, self.cfg(target, "memory", events=s.memory_events,
+                                                   warmup=s.memory_warmup, settle=1.0,
+                                                   deadline=s.deliver_deadline), 0.0, s)
+            runs[target] = [result]
+            self.say(f"  memory during an outage [{target}]: {summary(result)} ({time.monotonic() - started:.1f} s)")
+        return runs
+
+
+def summary(result: Dict[str, Any]) -> str:
+    if not result.get("ok"):
+        return f"ERROR {result.get('error')}"
+    sent, view = result["sent"], result["server"]
+    parts = [f"sent {sent['sent']}", f"delivered {view['delivered']}", f"lost {view['lost']}",
+             f"dup {view['duplicated']}", f"requests {view['requests']}", f"connections {view['connections']}"]
+    if "p50_us" in sent:
+        parts.append(f"p50 {sent['p50_us']:.1f} us p99 {sent['p99_us']:.1f} us max {sent['max_us']:.0f} us")
+    if "held" in sent:
+        parts.append(f"held {sent['held']} rss +{sent['hwm_kib'] - sent['rss0_kib']} KiB")
+    rate = events_per_second(result)
+    if rate is not None:
+        parts.append(f"{rate:,.0f} ev/s")
+    dropped = (result.get("final") or {}).get("stats_before_close", {}).get("dropped") or {}
+    if any(dropped.values()):
+        parts.append("ours dropped " + " ".join(f"{k}={v}" for k, v in dropped.items() if v))
+    if "cpu_after_send_and_flush" in sent:
+        parts.append(f"cpu {sent['cpu_after_send_and_flush']:.2f} s")
+    if sent.get("thread_cpu"):
+        groups: Dict[str, float] = {}
+        for name, seconds in sent["thread_cpu"].items():
+            group = ("senders" if name.startswith("odp-ext-sender") else
+                     "worker" if name in ("odp-ext-worker", "OdpThread") else
+                     "main" if name == "main" else "other")
+            groups[group] = groups.get(group, 0.0) + seconds
+        parts.append("thread cpu since start " + " ".join(f"{k} {v:.2f}" for k, v in sorted(groups.items())))
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- derived figures
+
+
+def events_per_second(result: Dict[str, Any]) -> Optional[float]:
+    if not result.get("ok") or "t_first" not in result["sent"]:
+        return None
+    t_last = result["server"]["t_last_event"]
+    if t_last is None:
+        return 0.0
+    span = t_last - result["sent"]["t_first"]
+    return result["server"]["delivered"] / span if span > 0 else None
+
+
+def span_seconds(result: Dict[str, Any]) -> Optional[float]:
+    t_last = result["server"]["t_last_event"] if result.get("ok") else None
+    return None if t_last is None else t_last - result["sent"]["t_first"]
+
+
+def median(values: Sequence[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def ok_runs(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [r for r in runs if r.get("ok")]
+
+
+def med(runs: List[Dict[str, Any]], getter: Callable[[Dict[str, Any]], Optional[float]]) -> Optional[float]:
+    return median([getter(r) for r in ok_runs(runs)])
+
+
+def total(runs: List[Dict[str, Any]], getter: Callable[[Dict[str, Any]], int]) -> Optional[int]:
+    good = ok_runs(runs)
+    return sum(getter(r) for r in good) if good else None
+
+
+def server_total(runs: List[Dict[str, Any]], key: str) -> Optional[int]:
+    """A count summed over the good runs: ``sent`` from the worker, anything else from the server."""
+    good = ok_runs(runs)
+    if not good:
+        return None
+    return sum(int(r["sent"]["sent"] if key == "sent" else r["server"][key]) for r in good)
+
+
+def lossless(runs: List[Dict[str, Any]]) -> bool:
+    good = ok_runs(runs)
+    return bool(good) and len(good) == len(runs) and all(
+        r["server"]["lost"] == 0 and r["server"]["duplicated"] == 0 for r in good)
+
+
+def send_seconds(result: Dict[str, Any]) -> Optional[float]:
+    value = result["sent"].get("send_seconds")
+    return None if value is None else float(value)
+
+
+def per_1000(runs: List[Dict[str, Any]], key: str) -> Optional[float]:
+    def one(r: Dict[str, Any]) -> Optional[float]:
+        delivered = r["server"]["delivered"]
+        return r["server"][key] * 1000 / delivered if delivered else None
+    return med(runs, one)
+
+
+def cpu_per_10k(runs: List[Dict[str, Any]], per: str = "delivered") -> Optional[float]:
+    """Process CPU per 10,000 events ``delivered`` (server) or ``sent`` (calls made)."""
+    def one(r: Dict[str, Any]) -> Optional[float]:
+        cpu = r["final"].get("cpu_seconds")
+        count = r["server"]["delivered"] if per == "delivered" else r["sent"]["sent"]
+        return cpu * 10_000 / count if cpu is not None and count else None
+    return med(runs, one)
+
+
+def background_cpu_per_10k(runs: List[Dict[str, Any]]) -> Optional[float]:
+    """CPU of the target's own threads (everything but the caller's) per 10,000 delivered events."""
+    def one(r: Dict[str, Any]) -> Optional[float]:
+        threads = r["final"].get("thread_cpu_before_close") or {}
+        cpu = sum(seconds for name, seconds in threads.items() if name != "main")
+        delivered = r["server"]["delivered"]
+        return cpu * 10_000 / delivered if threads and delivered else None
+    return med(runs, one)
+
+
+def fmt(value: Optional[float], digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(ours: Optional[float], sdk: Optional[float]) -> str:
+    if ours is None or sdk is None or sdk == 0:
+        return "n/a"
+    value = ours / sdk
+    return f"{value:.2f}x" if value < 100 else f"{value:,.0f}x"
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as handle:
+            return " ".join(handle.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def machine(load_before: str) -> List[Tuple[str, str]]:
+    from importlib import metadata
+
+    import optimizely_odp_ext
+
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 0
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10, check=False).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    try:
+        sdk_version = metadata.version("optimizely-sdk")
+    except metadata.PackageNotFoundError:
+        sdk_version = "not installed"
+    return [
+        ("nproc (usable CPUs)", str(usable)),
+        ("CPU model", model),
+        ("OS", f"{platform.system()} {platform.release()} ({platform.machine()})"),
+        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("optimizely-sdk", sdk_version),
+        ("optimizely-odp-ext", f"{optimizely_odp_ext.__version__} (commit {commit}; working tree as run)"),
+        ("date (UTC)", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")),
+        ("load average (1, 5, 15 min) before / after the run", f"{load_before} / {load_average()}"),
+    ]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def report(run: Dict[str, Any]) -> Tuple[str, List[Tuple[str, bool, str]]]:
+    """The results file's text, and the verdict on each target, from a run's raw figures."""
+    results: Dict[str, Dict[str, List[Dict[str, Any]]]] = run["results"]
+    settings = Settings(run["quick"], run["repeats"])
+    command, elapsed = run["command"], run["elapsed"]
+    out: List[str] = ["# Benchmark results: the SDK's `send_odp_event` vs `optimizely_odp_ext`", "",
+                      "Generated by `benchmarks/run.py`; do not edit by hand (run it again instead).", ""]
+    out += ["## Machine", ""]
+    out += table(["", ""], [(k, v) for k, v in run["machine"]])
+    loads = [float(x) for k, v in run["machine"] if k.startswith("load average") for x in v.replace("/", " ").split()
+             if x.replace(".", "", 1).isdigit()]
+    cpus = next((int(v) for k, v in run["machine"] if k.startswith("nproc") and v.isdigit()), 0)
+    if loads and cpus and max(loads) > 0.5 * cpus:
+        out += ["", f"**Note:** the machine was busy with other work during this run (load average up to "
+                f"{max(loads):.1f} on {cpus} CPUs); absolute figures are then lower and noisier than on an idle "
+                "machine. Both targets ran under the same conditions, interleaved run by run."]
+    mode = "quick" if settings.quick else "full"
+    out += ["", "## Command", "", f"    {command}", "",
+            f"Mode: {mode}; each caller-cost and throughput scenario run {settings.repeats} time(s) per target "
+            f"(figures are medians over the runs; loss columns are totals over the runs); "
+            f"total time {elapsed:.0f} s.", "",
+            "Targets: **SDK** = a plain `Optimizely` client (the SDK's own ODP event manager: batch 10, flush "
+            "interval 1 s, queue 1,000, a new connection per request); **ours** = "
+            "`optimizely_odp_ext.install(client)` with default options. Both send to the same `FakeOdpServer` "
+            "on 127.0.0.1, run by the benchmark's parent process; each scenario runs in a fresh subprocess. "
+            "Ratio = ours / SDK.", ""]
+    verdicts: List[Tuple[str, bool, str]] = []
+
+    # --- caller cost
+    out += ["## Caller cost per `send_odp_event` call (µs, `time.perf_counter_ns` around each call)", "",
+            f"{settings.caller_calls:,} timed calls per setting (split evenly across the threads, started together), "
+            f"after {settings.caller_warmup:,} untimed warm-up calls; no added latency. Calls are made back to back, "
+            "so the SDK's queue of 1,000 fills and part of its calls take its queue-full path, and ours fills its "
+            "queue_capacity when the calls outnumber it (see 'events lost', counted from the server's records). "
+            "Each call also competes for the GIL with the target's own background threads, as in an application.",
+            ""]
+    rows = []
+    caller: Dict[int, Dict[str, Dict[str, Optional[float]]]] = {}
+    for threads in (1, 4):
+        key = f"caller{threads}"
+        if key not in results:
+            continue
+        caller[threads] = {}
+        for target in TARGETS:
+            runs = results[key][target]
+            caller[threads][target] = {m: med(runs, lambda r, m=m: r["sent"][m])
+                                       for m in ("p50_us", "p99_us", "max_us", "mean_us")}
+        for metric, label in (("p50_us", "p50"), ("p99_us", "p99"), ("max_us", "max"), ("mean_us", "mean")):
+            sdk_v, ours_v = caller[threads]["sdk"][metric], caller[threads]["ours"][metric]
+            rows.append((f"{threads} thread{'s' if threads > 1 else ''}", label, fmt(sdk_v, 2), fmt(ours_v, 2),
+                         ratio(ours_v, sdk_v)))
+        lost = {t: total(results[key][t], lambda r: r["server"]["lost"]) for t in TARGETS}
+        rows.append((f"{threads} thread{'s' if threads > 1 else ''}", "events lost (all runs)",
+                     fmt(lost["sdk"]), fmt(lost["ours"]), ""))
+    out += table(["setting", "metric", "SDK", "ours", "ours/SDK"], rows)
+
+    # --- throughput
+    out += ["", "## End-to-end throughput and loss", "",
+            f"{settings.events:,} events sent as fast as one caller thread can; then ours: `flush_odp_events()`; "
+            f"SDK: the server's count polled until all arrived or no request for {SDK_QUIET_SECONDS} s "
+            f"(bounded by {settings.deliver_deadline:.0f} s), then `close()`. Throughput = unique events delivered / "
+            "(time from the first send to the last event recorded by the server).", ""]
+    rows = []
+    tput: Dict[str, Dict[str, Optional[float]]] = {}
+    zero_loss: Dict[str, Dict[str, bool]] = {}
+    for key, label in (("tput0", "no added latency"), ("tput50", "50 ms per request")):
+        if key not in results:
+            continue
+        group = results[key]
+        tput[key] = {t: med(group[t], events_per_second) for t in TARGETS}
+        zero_loss[key] = {t: lossless(group[t]) for t in TARGETS}
+        sdk_rate, ours_rate = tput[key]["sdk"], tput[key]["ours"]
+        rows.append((label, "events/s delivered", fmt(sdk_rate, 0), fmt(ours_rate, 0), ratio(ours_rate, sdk_rate)))
+        sent_total = server_total(group["ours"], "sent")
+        for metric in ("delivered", "lost", "duplicated"):
+            rows.append((label, f"{metric} (all runs, of {fmt(sent_total)} sent)",
+                         fmt(server_total(group["sdk"], metric)), fmt(server_total(group["ours"], metric)), ""))
+        send_s = {t: med(group[t], send_seconds) for t in TARGETS}
+        span = {t: med(group[t], span_seconds) for t in TARGETS}
+        rows.append((label, "caller's send loop (s)", fmt(send_s["sdk"], 3), fmt(send_s["ours"], 3),
+                     ratio(send_s["ours"], send_s["sdk"])))
+        rows.append((label, "first send to last event recorded (s)", fmt(span["sdk"], 2), fmt(span["ours"], 2),
+                     ratio(span["ours"], span["sdk"])))
+    out += table(["latency", "metric", "SDK", "ours", "ours/SDK"], rows)
+
+    # --- information: non-default options and the setup's ceiling
+    info = [(k, label) for k, label in INFO_VARIANTS if k in results]
+    if info:
+        out += ["", "### For information: non-default options, and the ceiling of this setup", "",
+                "Not used for the targets. The same throughput scenario with options changed, and a calibration "
+                "without any Optimizely client: N threads, each with a keep-alive `requests.Session`, POSTing "
+                "pre-encoded batches of 100 of the same events to the same server — about the most a Python sender "
+                "using `requests` with N connections can get from this `FakeOdpServer` on this machine.", ""]
+        rows = []
+        for key, label in info:
+            group = results[key]
+            runs = next(iter(group.values()))
+            rows.append((label, fmt(med(runs, events_per_second), 0),
+                         f"{fmt(server_total(runs, 'lost'))} of {fmt(server_total(runs, 'sent'))}",
+                         fmt(per_1000(runs, "requests"), 2), fmt(per_1000(runs, "connections"), 2),
+                         fmt(cpu_per_10k(runs), 3), str(len(runs))))
+        out += table(["variant", "events/s delivered", "lost (all runs)", "requests / 1,000", "connections / 1,000",
+                      "CPU s / 10,000", "runs"], rows)
+
+    # --- requests and connections
+    out += ["", "## Requests and new TCP connections per 1,000 delivered events", "",
+            "From the throughput runs (`server.requests`, `server.connection_count`).", ""]
+    rows = []
+    for key, label in (("tput0", "no added latency"), ("tput50", "50 ms per request")):
+        if key not in results:
+            continue
+        group = results[key]
+        for metric, name in (("requests", "requests / 1,000 events"),
+                             ("connections", "new connections / 1,000 events")):
+            sdk_v, ours_v = per_1000(group["sdk"], metric), per_1000(group["ours"], metric)
+            rows.append((label, name, fmt(sdk_v, 2), fmt(ours_v, 2), ratio(ours_v, sdk_v)))
+    out += table(["latency", "metric", "SDK", "ours", "ours/SDK"], rows)
+
+    # --- memory
+    mem_rows = []
+    per_event: Dict[str, Optional[float]] = {}
+    held_ok = True
+    if "memory" in results:
+        out += ["", "## Memory while events are held during an outage", "",
+                f"After {settings.memory_warmup} delivered warm-up events, the server answers every request with "
+                f"503 (`fail_for`); {settings.memory_events:,} events are sent (built on the fly, so everything they "
+                "keep alive counts), then after 1 s the subprocess reads its peak RSS (`VmHWM` from "
+                "/proc/self/status, reset before sending via /proc/self/clear_refs) against its RSS before sending. "
+                "'Held' is what the sender actually keeps: ours `pending` from `odp_event_stats()`; the SDK its queue "
+                "(capped at 1,000) plus its current batch — the rest of its events are dropped at once. Per 10,000 "
+                "held is extrapolated from per held event for the SDK. Then the outage ends and each target drains "
+                "and closes.", ""]
+        data: Dict[str, Dict[str, Optional[float]]] = {}
+        for t in TARGETS:
+            runs = ok_runs(results["memory"][t])
+            if not runs:
+                data[t] = {}
+                continue
+            r = runs[0]
+            s = r["sent"]
+            growth = (s["hwm_kib"] if s.get("peak_reset") else s["rss1_kib"]) - s["rss0_kib"]
+            held = s["held"]
+            per = growth * 1024 / held if held else None
+            per_event[t] = per
+            data[t] = {"outage_sent": s["outage_sent"], "held": held, "growth": growth, "per": per,
+                       "per10k": per * 10_000 / 1024 / 1024 if per is not None else None,
+                       "delivered": r["server"]["delivered"], "lost": r["server"]["lost"],
+                       "dup": r["server"]["duplicated"]}
+            if t == "ours":
+                from optimizely_odp_ext import Options
+
+                held_ok = held <= Options().queue_capacity
+        for metric, name, digits in (("outage_sent", "events sent during the outage", 0),
+                                     ("held", "events held (what each actually keeps)", 0),
+                                     ("growth", "peak RSS growth (KiB)", 0),
+                                     ("per", "bytes per held event", 0),
+                                     ("per10k", "RSS growth per 10,000 held events (MiB)", 2),
+                                     ("delivered", "delivered after the outage (incl. warm-up)", 0),
+                                     ("lost", "lost (incl. warm-up)", 0),
+                                     ("dup", "duplicated", 0)):
+            sdk_v, ours_v = data["sdk"].get(metric), data["ours"].get(metric)
+            is_int = metric in ("outage_sent", "held", "growth", "delivered", "lost", "dup")
+            mem_rows.append((name, fmt(int(sdk_v) if is_int and sdk_v is not None else sdk_v, digits),
+                             fmt(int(ours_v) if is_int and ours_v is not None else ours_v, digits),
+                             ratio(ours_v, sdk_v) if metric in ("growth", "per", "per10k", "held") else ""))
+        out += table(["metric", "SDK", "ours", "ours/SDK"], mem_rows)
+
+    # --- CPU
+    out += ["", "## CPU seconds (process user + sys) per 10,000 events", "",
+            "From the throughput runs: `time.process_time()` in the subprocess from the first send until "
+            "`close()` returned, per 10,000 events delivered (the metric of issue 5) and per 10,000 calls made "
+            "(the SDK drops most of its events, which inflates its per-delivered figure); and the CPU of the "
+            "target's own background threads only (from /proc/self/task, before `close()`), per 10,000 delivered.",
+            ""]
+    rows = []
+    for key, label in (("tput0", "no added latency"), ("tput50", "50 ms per request")):
+        if key not in results:
+            continue
+        group = results[key]
+        for name, fn in (("process CPU s / 10,000 delivered", cpu_per_10k),
+                         ("process CPU s / 10,000 calls made", lambda rs: cpu_per_10k(rs, "sent")),
+                         ("background threads CPU s / 10,000 delivered", background_cpu_per_10k)):
+            sdk_v, ours_v = fn(group["sdk"]), fn(group["ours"])
+            rows.append((label, name, fmt(sdk_v, 3), fmt(ours_v, 3), ratio(ours_v, sdk_v)))
+    out += table(["latency", "metric", "SDK", "ours", "ours/SDK"], rows)
+
+    # --- targets
+    def v(cond: bool, text: str, name: str) -> None:
+        verdicts.append((name, cond, text))
+
+    if 1 in caller and 4 in caller:
+        p50 = {th: (caller[th]["ours"]["p50_us"], caller[th]["sdk"]["p50_us"]) for th in (1, 4)}
+        cond = all(o is not None and s is not None and o <= s / 2 for o, s in p50.values())
+        v(cond, "; ".join(f"{th} thread(s): ours {fmt(o, 2)} µs vs SDK {fmt(s, 2)} µs (ratio {ratio(o, s)})"
+                          for th, (o, s) in p50.items()), "Caller p50 at most half the SDK's (1 and 4 threads)")
+        p99 = caller[4]["ours"]["p99_us"]
+        v(p99 is not None and p99 < 50, f"ours p99 with 4 threads: {fmt(p99, 2)} µs",
+          "Caller p99 under 50 µs with 4 threads")
+    if "tput50" in tput:
+        rate = tput["tput50"].get("ours")
+        no_loss = zero_loss["tput50"].get("ours", False)
+        v(rate is not None and rate >= 5000 and no_loss,
+          f"ours: {fmt(rate, 0)} events/s, zero loss: {'yes' if no_loss else 'NO'} "
+          f"(lost {server_total(results['tput50']['ours'], 'lost')}, duplicated "
+          f"{server_total(results['tput50']['ours'], 'duplicated')} over all runs)",
+          ">= 5,000 events/s delivered with zero loss at 50 ms latency")
+    if "tput0" in tput:
+        o, s = tput["tput0"].get("ours"), tput["tput0"].get("sdk")
+        v(o is not None and s is not None and s > 0 and o >= 10 * s,
+          f"ours {fmt(o, 0)} events/s vs SDK {fmt(s, 0)} events/s (ratio {ratio(o, s)})",
+          ">= 10x the SDK's throughput with no added latency")
+    if "memory" in results:
+        per = per_event.get("ours")
+        v(per is not None and per < 1024 and held_ok,
+          f"ours: {fmt(per, 0)} bytes per held event; held within queue_capacity: {'yes' if held_ok else 'NO'}",
+          "Memory per held event under 1 KB (and within the configured bound)")
+    out += ["", "## Targets (issue 5)", ""]
+    out += [f"- **{'MET' if ok else 'NOT MET'}** — {name}: {text}." for name, ok, text in verdicts]
+
+    # --- raw
+    out += ["", "## Raw per-run figures", "", "```"]
+    out += [line.strip() for line in run["log"]]
+    out += ["```", ""]
+    return "\n".join(out), verdicts
+
+
+TUNED = {"queue_capacity": 50_000, "max_in_flight": 8}
+INFO_VARIANTS = (
+    ("tput0_cap", "ours, queue_capacity=50,000 — no added latency"),
+    ("tput0_tuned", "ours, queue_capacity=50,000 + max_in_flight=8 — no added latency"),
+    ("ceil0_4", "ceiling: bare requests, 4 connections — no added latency"),
+    ("tput50_cap", "ours, queue_capacity=50,000 — 50 ms"),
+    ("tput50_tuned", "ours, queue_capacity=50,000 + max_in_flight=8 — 50 ms"),
+    ("ceil50_4", "ceiling: bare requests, 4 connections — 50 ms"),
+    ("ceil50_8", "ceiling: bare requests, 8 connections — 50 ms"),
+)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer events and one run per scenario (~1 minute)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per caller-cost and throughput scenario (default 3, quick 1)")
+    parser.add_argument("--no-info", action="store_true",
+                        help="skip the informational runs (non-default options, calibration ceiling)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target of issue 5 is not met")
+    parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"),
+                        help="the results file to write (its raw figures go beside it, .json)")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the results file from saved raw figures")
+    args = parser.parse_args(argv)
+    raw_path = os.path.splitext(args.output)[0] + ".json"
+    if args.render:
+        with open(args.render, encoding="utf-8") as handle:
+            return write_report(json.load(handle), args.output, None, args.strict)
+    settings = Settings(args.quick, args.repeats)
+    command = " ".join([os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(os.getcwd())
+                        else sys.executable, *([os.path.relpath(sys.argv[0])] if sys.argv else []),
+                        *(argv if argv is not None else sys.argv[1:])])
+    started = time.monotonic()
+    load_before = load_average()
+    results: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+    server = FakeOdpServer(api_key=API_KEY).start()
+    bench = Bench(server, settings)
+    try:
+        bench.say(f"FakeOdpServer at {server.url}; mode {'quick' if settings.quick else 'full'}, "
+                  f"{settings.repeats} run(s) per scenario")
+        results["caller1"] = bench.caller(1)
+        results["caller4"] = bench.caller(4)
+        results["tput0"] = bench.throughput(0.0)
+        results["tput50"] = bench.throughput(settings.latency)
+        if not args.no_info:
+            capacity_only = {"queue_capacity": TUNED["queue_capacity"]}
+            results["tput0_cap"] = bench.throughput(0.0, capacity_only, targets=("ours",))
+            results["tput0_tuned"] = bench.throughput(0.0, TUNED, targets=("ours",))
+            results["tput50_cap"] = bench.throughput(settings.latency, capacity_only, targets=("ours",))
+            results["tput50_tuned"] = bench.throughput(settings.latency, TUNED, targets=("ours",))
+            results["ceil0_4"] = bench.ceiling(0.0, 4)
+            results["ceil50_4"] = bench.ceiling(settings.latency, 4)
+            results["ceil50_8"] = bench.ceiling(settings.latency, 8)
+        results["memory"] = bench.memory()
+    finally:
+        server.stop()
+    run = {"quick": settings.quick, "repeats": settings.repeats, "command": command,
+           "elapsed": time.monotonic() - started, "machine": machine(load_before), "log": bench.log, "results": results}
+    return write_report(run, args.output, raw_path, args.strict)
+
+
+def write_report(run: Dict[str, Any], output: str, raw_path: Optional[str], strict: bool) -> int:
+    if raw_path is not None:
+        with open(raw_path, "w", encoding="utf-8") as handle:
+            json.dump(run, handle, indent=1)
+    text, verdicts = report(run)
+    with open(output, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print()
+    print(text.split("## Raw per-run figures")[0])
+    print(f"Wrote {os.path.relpath(output)}" + (f" and {os.path.relpath(raw_path)}" if raw_path else "") + ".")
+    results = run["results"]
+    errors = [r for group in results.values() for runs in group.values() for r in runs if not r.get("ok")]
+    if errors:
+        print(f"{len(errors)} scenario run(s) failed; see the raw figures in the results file.")
+        return 2
+    return 1 if strict and not all(ok for _, ok, _ in verdicts) else 0
+
+if __name__ == "__main__":
+    sys.exit(main())
