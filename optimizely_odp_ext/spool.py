@@ -5,17 +5,30 @@ Layout under ``spool_dir``: one folder per process, ``p-<pid>-<random>/``, holdi
 - ``lock``: held with ``flock(LOCK_EX)`` while the process lives. A folder whose lock can be taken
   belongs to a process that is gone: the next process to start takes the lock, delivers the
   events still owed (with their original ``idempotence_id``) and deletes the folder. Two live
-  processes never share a folder, and a folder is adopted by one process at a time.
+  processes never share a folder, and a folder is adopted by one process at a time. A folder is
+  made under a hidden name (``.p-...``), locked, and only then renamed to ``p-...``, so a process
+  starting at the same moment never sees it unlocked.
 - ``seg-<n>.log``: append-only records ``[length:u32][crc32:u32][host \\n key \\n event-json]``.
 - ``seg-<n>.ack``: the indexes (u32) of the segment's records that reached an outcome.
 
 A segment is deleted once every record in it is acknowledged and it is no longer written to.
+``max_bytes`` caps the bytes on disk (live segments, acknowledged records included until their
+segment goes); when a group would pass it, a segment written to whose records are all
+acknowledged is retired first, so delivered events never keep the spool full.
 A torn or corrupted record (a crash in the middle of a write) ends the readable part of its
 segment: it is skipped with one log line, and the records before it are still delivered.
 
-The worker writes each group of events as it takes them from the queue (at least every 50 ms),
-with one ``write`` call (and one ``fsync`` with ``spool_fsync=True``). So a process crash loses at
-most the events accepted in the last ~50 ms; with ``spool_fsync`` the same holds for power loss.
+The worker writes the events it takes from the queue in groups of at most ``batch_size``, as soon
+as it runs (the first queued event wakes it, and it looks at least every 50 ms), with one ``write``
+call per group (and one ``fsync`` with ``spool_fsync=True``). So a process crash loses the events
+accepted since the worker last ran. Measured (2-CPU VM, SIGKILL right after the last send): none
+with ``spool_fsync`` off and at most about 1 ms of events with it on, when the sending threads
+release the GIL between sends (I/O, sleeps: any real request handler). A thread sending in a tight
+loop holds the GIL and starves the worker: then the window is that burst, up to ``queue_capacity``
+events (5,000 sends in ~45 ms: 75-100% of them lost if the process is killed at its end). Events sent
+before the first datafile (no ODP host known yet) are in memory only until it arrives. With
+``spool_fsync`` the same holds for power loss; without it, a power loss can also lose what the OS
+had not written back yet.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import logging
 import os
 import secrets
 import struct
+import time
 import zlib
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
@@ -42,6 +56,8 @@ _log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">II")
 _INDEX = struct.Struct(">I")
 SEGMENT_BYTES = 4 * 1024 * 1024
+_MIN_SEGMENT_BYTES = 4096
+_STAGING_AGE = 3600.0  # seconds after which a hidden folder left by a crash during its setup is removed
 _MAX_RECORD = 64 * 1024 * 1024
 
 Record = Tuple[str, str, Encoded]
@@ -88,6 +104,8 @@ class Spool:
         self.fsync = fsync
         self.max_bytes = max_bytes
         self.logger = logger or _log
+        # Segments smaller than the cap, so delivered events free space well before it is reached.
+        self.segment_bytes = min(SEGMENT_BYTES, max(max_bytes // 8, _MIN_SEGMENT_BYTES))
         os.makedirs(self.directory, exist_ok=True)
         self._segments: Dict[int, _Segment] = {}
         self._next_id = 0
@@ -99,16 +117,30 @@ class Spool:
         self._adopted: Dict[str, int] = {}  # folder -> its lock fd
         self._adopted_segments: List[_Segment] = []
         self._open_own()
-        self._adopt_abandoned()
+        try:
+            self._adopt_abandoned()
+        except BaseException:
+            self.close()
+            raise
 
     # ----------------------------------------------------------------- folders and locks
 
     def _open_own(self) -> None:
+        # Made and locked under a name adopters skip, then renamed: a process starting at the same
+        # moment must never find it unlocked (it would take it for abandoned and delete it).
         name = f"p-{os.getpid()}-{secrets.token_hex(4)}"
         folder = os.path.join(self.directory, name)
-        os.mkdir(folder, 0o700)
-        lock = os.open(os.path.join(folder, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        staging = os.path.join(self.directory, "." + name)
+        os.mkdir(staging, 0o700)
+        lock: Optional[int] = None
+        try:
+            lock = os.open(os.path.join(staging, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(staging, folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._remove_folder(staging, lock)  # closes the lock too
+            raise
         self._own, self._own_lock = folder, lock
 
     def _adopt_abandoned(self) -> None:
@@ -118,32 +150,58 @@ class Spool:
             return
         for name in names:
             folder = os.path.join(self.directory, name)
+            if name.startswith(".p-"):
+                self._remove_stale_staging(folder)
+                continue
             if folder == self._own or not name.startswith("p-") or not os.path.isdir(folder):
                 continue
-            lock_path = os.path.join(folder, "lock")
             try:
-                lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                # The folder may have been removed by its owner between open and flock.
-                if os.fstat(lock).st_ino != os.stat(lock_path).st_ino:
-                    raise OSError(errno.ESTALE, "lock file replaced")
-            except OSError:
-                os.close(lock)
-                continue  # alive (locked), or gone
+                self._adopt(folder)
+            except OSError as exc:  # removed or changed under us by another process: not ours
+                _log.debug("not adopting %s: %s", folder, exc)
+
+    def _adopt(self, folder: str) -> None:
+        lock_path = os.path.join(folder, "lock")
+        try:
+            lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The folder may have been removed by its owner between open and flock.
+            if os.fstat(lock).st_ino != os.stat(lock_path).st_ino:
+                raise OSError(errno.ESTALE, "lock file replaced")
             segments = self._segments_in(folder)
-            if not segments:
-                self._remove_folder(folder, lock)
-                continue
-            self._adopted[folder] = lock
-            for number in segments:
-                segment = _Segment(folder, number, writing=False)
-                segment.size = _file_size(segment.path)
-                self._bytes += segment.size
-                self._register(segment)
-                self._adopted_segments.append(segment)
+        except OSError:
+            os.close(lock)
+            return  # alive (locked), or gone
+        if not segments:
+            self._remove_folder(folder, lock)
+            return
+        self._adopted[folder] = lock
+        for number in segments:
+            segment = _Segment(folder, number, writing=False)
+            segment.size = _file_size(segment.path)
+            self._bytes += segment.size
+            self._register(segment)
+            self._adopted_segments.append(segment)
+
+    def _remove_stale_staging(self, folder: str) -> None:
+        """A hidden folder is a process's folder being set up; one left by a crash during that
+        (empty but for its lock) is removed once it is old and unlocked."""
+        try:
+            if time.time() - os.stat(folder).st_mtime < _STAGING_AGE:
+                return
+            lock = os.open(os.path.join(folder, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            return
+        with contextlib.suppress(OSError):
+            self._remove_folder(folder, lock)
 
     @staticmethod
     def _segments_in(folder: str) -> List[int]:
@@ -163,14 +221,17 @@ class Spool:
         return segment.sid
 
     def _remove_folder(self, folder: str, lock: Optional[int]) -> None:
-        for entry in os.listdir(folder):
-            if entry != "lock":
-                _unlink(os.path.join(folder, entry))
-        _unlink(os.path.join(folder, "lock"))
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
-        if lock is not None:
-            os.close(lock)
+        """Deletes a folder whose lock we hold (its lock file last, then the lock is released)."""
+        try:
+            for entry in os.listdir(folder):
+                if entry != "lock":
+                    _unlink(os.path.join(folder, entry))
+            _unlink(os.path.join(folder, "lock"))
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        finally:
+            if lock is not None:
+                os.close(lock)
 
     # ----------------------------------------------------------------- recovery
 
@@ -194,7 +255,9 @@ class Spool:
                 encoded = Encoded(body, _idempotence_id(body), spool_id=(segment_id, index))
                 yield host, key, encoded
             segment.total = index + 1
-            segment.acked = len({i for i in acked if i < segment.total})
+            # Acks of this process (events already delivered while the rest was read) are counted
+            # in segment.acked already; add the earlier processes' ones.
+            segment.acked += len({i for i in acked if i < segment.total})
             segment.complete = True
             self._maybe_delete(segment_id, segment)
         self._adopted_segments.clear()
@@ -220,14 +283,18 @@ class Spool:
                     problem = "corrupted record (checksum mismatch)"
                 else:
                     parts = data[start:end].split(b"\n", 2)
-                    if len(parts) != 3:
+                    try:
+                        if len(parts) != 3:
+                            raise ValueError("not host, key and event")
+                        host, key = parts[0].decode("utf-8"), parts[1].decode("utf-8")
+                    except ValueError:  # UnicodeDecodeError included
                         problem = "corrupted record (bad layout)"
             if problem is not None:
                 self.logger.warning(
-                    f"ODP spool: skipped a {problem} at byte {offset} of {segment.path} "
-                    f"(a crash during a write); {index} earlier record(s) of it are delivered.")
+                    f"ODP spool: skipped record {index} of {segment.path}, a {problem} at byte {offset} "
+                    f"(a crash during a write); the {index} record(s) before it are delivered.")
                 return
-            yield index, (parts[0].decode("utf-8"), parts[1].decode("utf-8"), parts[2])
+            yield index, (host, key, parts[2])
             offset, index = end, index + 1
 
     # ----------------------------------------------------------------- writing
@@ -241,19 +308,32 @@ class Spool:
         if self._own is None:
             self._open_own()  # a forked child writes to a folder of its own
         chunks: List[bytes] = []
-        total = 0
         for host, key, encoded in records:
             payload = host.encode("utf-8") + b"\n" + key.encode("utf-8") + b"\n" + encoded.body
-            chunk = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-            if self._bytes + total + len(chunk) > self.max_bytes:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+            chunks.append(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        total = sum(len(chunk) for chunk in chunks)
+        active = self._active
+        if self._bytes + total > self.max_bytes and active is not None and active.acked >= active.total:
+            self._retire_active()  # everything in it reached an outcome: its bytes are free
+        if self._bytes + total > self.max_bytes:
+            total, kept = 0, 0
+            for chunk in chunks:
+                if self._bytes + total + len(chunk) > self.max_bytes:
+                    break
+                total += len(chunk)
+                kept += 1
+            del chunks[kept:]
         if not chunks:
             return 0
         segment, fd = self._writable(total)
         segment_id = segment.sid
-        os.write(fd, b"".join(chunks))
+        data = b"".join(chunks)
+        written = os.write(fd, data)
+        if written != len(data):
+            # A torn group would end the readable part of the segment: take it back.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, segment.size)
+            raise OSError(errno.ENOSPC, f"short write to {segment.path} ({written} of {len(data)} bytes)")
         if self.fsync:
             os.fsync(fd)
         for offset, (_host, _key, encoded) in enumerate(records[: len(chunks)]):
@@ -265,12 +345,9 @@ class Spool:
 
     def _writable(self, incoming: int) -> Tuple[_Segment, int]:
         active, fd = self._active, self._active_fd
-        if active is not None and fd is not None and active.size + incoming <= SEGMENT_BYTES:
+        if active is not None and fd is not None and (active.size == 0 or active.size + incoming <= self.segment_bytes):
             return active, fd
-        if active is not None and fd is not None:
-            os.close(fd)
-            active.writing = False
-            self._maybe_delete(active.sid, active)
+        self._retire_active()
         assert self._own is not None
         numbers = self._segments_in(self._own)
         segment = _Segment(self._own, (numbers[-1] + 1) if numbers else 1, writing=True)
@@ -278,6 +355,16 @@ class Spool:
         self._register(segment)
         self._active, self._active_fd = segment, fd
         return segment, fd
+
+    def _retire_active(self) -> None:
+        """Stops writing to the active segment (deleted now if every record reached an outcome)."""
+        active, fd = self._active, self._active_fd
+        self._active = self._active_fd = None
+        if fd is not None:
+            os.close(fd)
+        if active is not None:
+            active.writing = False
+            self._maybe_delete(active.sid, active)
 
     # ----------------------------------------------------------------- acknowledging
 
@@ -294,8 +381,14 @@ class Spool:
             if segment is None:
                 continue
             if segment.ack_fd is None:
-                segment.ack_fd = os.open(segment.ack_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.write(segment.ack_fd, b"".join(_INDEX.pack(i) for i in indexes))
+                segment.ack_fd = _open_acks(segment.ack_path)
+            data = b"".join(_INDEX.pack(i) for i in indexes)
+            written = os.write(segment.ack_fd, data)
+            if written != len(data):
+                # Take the part back: a torn index would shift every index appended after it.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(segment.ack_fd, os.fstat(segment.ack_fd).st_size - written)
+                raise OSError(errno.ENOSPC, f"short write to {segment.ack_path} ({written} of {len(data)} bytes)")
             segment.acked += len(indexes)
             self._maybe_delete(segment_id, segment)
 
@@ -319,15 +412,9 @@ class Spool:
 
     def close(self) -> None:
         """Closes files and releases locks. Unacknowledged events stay for the next process."""
-        if self._active_fd is not None:
-            if self.fsync:
-                os.fsync(self._active_fd)
-            os.close(self._active_fd)
-            self._active_fd = None
-        if self._active is not None:
-            self._active.writing = False
-            self._maybe_delete(self._active.sid, self._active)
-            self._active = None
+        if self._active_fd is not None and self.fsync:
+            os.fsync(self._active_fd)
+        self._retire_active()
         for segment in self._segments.values():
             if segment.ack_fd is not None:
                 os.close(segment.ack_fd)
@@ -372,6 +459,20 @@ def _read_acks(path: str) -> Set[int]:
         return set()
     usable = len(data) - len(data) % _INDEX.size  # a torn last index is ignored (re-sent at worst)
     return {_INDEX.unpack_from(data, offset)[0] for offset in range(0, usable, _INDEX.size)}
+
+
+def _open_acks(path: str) -> int:
+    """Opens an ack file for appending; a torn last index (left by a crash) is cut off first, or
+    every index appended after it would be read shifted."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if size % _INDEX.size:
+            os.ftruncate(fd, size - size % _INDEX.size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _idempotence_id(body: bytes) -> str:
