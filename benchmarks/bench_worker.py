@@ -116,6 +116,19 @@ class Target:
             time.sleep(0.01)
         return False
 
+    def effective_options(self) -> Dict[str, Any]:
+        """The options ours actually runs with (install()'s keywords over the defaults and the client's
+        settings), so the results file states the configuration measured, not the one assumed."""
+        if self.name != "ours":
+            return {}
+        from optimizely_odp_ext import extension
+
+        state = self.client.__dict__.get(getattr(extension, "_STATE_ATTR", "_odp_ext_state"))
+        options = getattr(state, "options", None)
+        names = ("queue_capacity", "max_in_flight", "batch_size", "max_batch_bytes", "flush_interval", "overflow",
+                 "gzip", "spool_dir")
+        return {name: getattr(options, name) for name in names if hasattr(options, name)}
+
     def stats(self) -> Dict[str, Any]:
         if self.name == "ours":
             return dict(self.client.odp_event_stats())
@@ -288,6 +301,7 @@ def main() -> int:
         result = runner(target, cfg)
         cpu_start = result.get("cpu0")
         result["threads_now"] = threading.active_count()
+        result["effective_options"] = target.effective_options()
         emit("sent", **result)
         command = wait_command()  # the parent checks the server (and clears faults) first
         result_drain = target.drain(cfg.get("deadline", 30.0)) if command == "drain" else None
