@@ -80,16 +80,14 @@ class OdpExtensionMixin:
         """
         try:
             state = self.__dict__.get(_STATE_ATTR)
+            if getattr(self, "is_valid", True) is False:
+                logger = _logger_of(self) if state is None else state.logger
+                logger.error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
+                return
             if state is None:
-                if getattr(self, "is_valid", True) is False:
-                    _logger_of(self).error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
-                    return
                 state = _state_for(self)
                 if state is None:
                     return
-            elif getattr(self, "is_valid", True) is False:
-                state.logger.error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
-                return
             event = validate(action, identifiers, type, data)
             if event.__class__ is str:
                 state.logger.error(event)
