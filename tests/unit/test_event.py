@@ -326,6 +326,7 @@ def test_property_valid_input_round_trips(
 def test_generated_idempotence_ids_are_unique_uuid4_and_differ_after_fork() -> None:
     import os
     import uuid
+    import warnings
 
     from optimizely_odp_ext.event import _ids
 
@@ -337,7 +338,9 @@ def test_generated_idempotence_ids_are_unique_uuid4_and_differ_after_fork() -> N
     if not hasattr(os, "fork"):
         return
     read, write = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():  # 3.12+: "multi-threaded, use of fork() may lead to deadlocks"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child: its next id must not be the parent's next one
         os.write(write, _ids.next().encode())
         os._exit(0)
