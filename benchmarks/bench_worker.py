@@ -50,6 +50,25 @@ def proc_status_kib(field: str) -> int:
     return -1
 
 
+def proc_io() -> Dict[str, int]:
+    """The process's I/O counters (/proc/self/io, every thread): ``wchar`` counts the bytes passed to
+    write()-family calls on files and pipes (socket send() is not included), ``syscw`` those calls."""
+    out: Dict[str, int] = {}
+    try:
+        with open("/proc/self/io") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                if value.strip().isdigit():
+                    out[name.strip()] = int(value)
+    except OSError:
+        pass
+    return out
+
+
+def io_delta(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:
+    return {name: after[name] - before[name] for name in after if name in before}
+
+
 def reset_peak_rss() -> bool:
     """Resets VmHWM to the current RSS (Linux >= 4.0); False when not possible."""
     try:
@@ -126,7 +145,7 @@ class Target:
         state = self.client.__dict__.get(getattr(extension, "_STATE_ATTR", "_odp_ext_state"))
         options = getattr(state, "options", None)
         names = ("queue_capacity", "max_in_flight", "batch_size", "max_batch_bytes", "flush_interval", "overflow",
-                 "gzip", "spool_dir")
+                 "gzip", "spool_dir", "spool_fsync", "spool_max_bytes")
         return {name: getattr(options, name) for name in names if hasattr(options, name)}
 
     def stats(self) -> Dict[str, Any]:
@@ -208,6 +227,7 @@ def scenario_throughput(target: Target, cfg: Dict[str, Any]) -> Dict[str, Any]:
     tag, count = cfg["tag"], cfg["events"]
     calls = [make_args(tag, i) for i in range(count)]
     gc.collect()
+    io0 = proc_io()
     cpu0 = cpu_seconds()
     t_first = time.monotonic()
     send_all(target.send, calls)
@@ -218,6 +238,7 @@ def scenario_throughput(target: Target, cfg: Dict[str, Any]) -> Dict[str, Any]:
         result["flush_ok"] = target.drain(cfg["deadline"])
         result["flush_seconds"] = time.monotonic() - t_sent
     result["cpu_after_send_and_flush"] = cpu_seconds() - cpu0
+    result["io"] = io_delta(io0, proc_io())  # from the first send until flushed (ours) / sent (SDK)
     result["thread_cpu"] = thread_cpu()
     return result
 

@@ -16,6 +16,12 @@ target runs in a fresh subprocess (``bench_worker.py``) so RSS, CPU and threads 
   counted, with a warning). The memory/outage scenario uses ``install(client)`` with all defaults, and one
   informational section shows ours with all defaults under the same burst.
 
+Section "Spool: cost on the caller and on throughput" (issue 4), in the same invocation: ours as above
+(memory only) against the same options plus ``spool_dir`` (a fresh temporary directory per run, removed
+afterwards) and plus ``spool_dir`` with ``spool_fsync=True``, interleaved run by run, each in a fresh
+subprocess: caller cost from 1 thread, throughput with no added latency and with 50 ms, and the bytes the
+process wrote (``/proc/self/io``) and the spool directory's peak size (sampled by this process).
+
 Every event carries a unique ``idempotence_id``, so delivered / lost / duplicated are counted
 exactly from the server's records. Results go to ``benchmarks/RESULTS.md`` (regenerated every run)
 and to stdout. Not part of the test suite. Only the standard library and the package's venv are used.
@@ -29,6 +35,7 @@ import json
 import os
 import platform
 import queue
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,12 +76,22 @@ DEFAULTS_CALL = install_call({})
 # the package at run time and written into the results file).
 MORE_IN_FLIGHT: Dict[str, Any] = {**OURS_OPTIONS, "max_in_flight": 8}
 
+# The spool section (issue 4): OURS_OPTIONS plus these; "spool_dir" is replaced by a fresh temporary directory
+# for every run (removed afterwards). Keys of the results: spool_caller1, spool_tput0, spool_tput50.
+SPOOL_VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
+    ("memory", "memory only", {}),
+    ("spool", "+ spool_dir", {"spool_dir": "<temp dir>"}),
+    ("spool_fsync", "+ spool_dir, spool_fsync=True", {"spool_dir": "<temp dir>", "spool_fsync": True}),
+)
+SPOOL_KEYS = ("spool_caller1", "spool_tput0", "spool_tput50")
+SPOOL_SAMPLE_SECONDS = 0.01  # how often this process measures the spool directory's size
+
 
 # ----------------------------------------------------------------------------- settings
 
 
 class Settings:
-    def __init__(self, quick: bool, repeats: Optional[int]) -> None:
+    def __init__(self, quick: bool, repeats: Optional[int], spool_repeats: Optional[int] = None) -> None:
         self.quick = quick
         self.caller_calls = 4_000 if quick else 20_000
         self.caller_warmup = 500 if quick else 1_000
@@ -82,6 +99,7 @@ class Settings:
         self.memory_events = 10_000  # the default queue_capacity of ours; the SDK keeps at most 1,000
         self.memory_warmup = 200
         self.repeats = repeats if repeats is not None else (1 if quick else 3)
+        self.spool_repeats = spool_repeats if spool_repeats is not None else self.repeats
         self.latency = 0.05
         self.deliver_deadline = 60.0 if quick else 120.0
 
@@ -304,6 +322,110 @@ class Bench:
         return runs
 
 
+    def spool(self) -> Dict[str, Dict[str, List[Dict[str, Any]]]]:
+        """The spool section: each scenario, each variant in turn, ``spool_repeats`` times (interleaved)."""
+        s = self.settings
+        runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {k: {v: [] for v, _, _ in SPOOL_VARIANTS}
+                                                             for k in SPOOL_KEYS}
+        for index in range(s.spool_repeats):
+            for key in SPOOL_KEYS:
+                for variant, label, extra in SPOOL_VARIANTS:
+                    started = time.monotonic()
+                    result = self.spool_one(key, extra)
+                    runs[key][variant].append(result)
+                    name = {"spool_caller1": "caller cost, 1 thread", "spool_tput0": "throughput, 0 ms",
+                            "spool_tput50": f"throughput, {s.latency * 1000:.0f} ms"}[key]
+                    self.say(f"  spool: {name} [ours {label}] run {index + 1}/{s.spool_repeats}: "
+                             f"{summary(result)} ({time.monotonic() - started:.1f} s)")
+        return runs
+
+    def spool_one(self, key: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+        s = self.settings
+        options = {**OURS_OPTIONS, **extra}
+        directory: Optional[str] = None
+        if "spool_dir" in extra:
+            directory = tempfile.mkdtemp(prefix="odp-bench-spool-")
+            options["spool_dir"] = directory
+        if key == "spool_caller1":
+            cfg = self.cfg("ours", "caller", options, threads=1, calls=s.caller_calls, warmup=s.caller_warmup,
+                           deadline=s.deliver_deadline)
+            latency = 0.0
+        else:
+            cfg = self.cfg("ours", "throughput", options, events=s.events, deadline=s.deliver_deadline)
+            latency = s.latency if key == "spool_tput50" else 0.0
+        sampler = DirSampler(directory) if directory is not None else None
+        disk: Optional[Dict[str, Any]] = None
+        try:
+            result = run_one(self.server, cfg, latency, s)
+        finally:
+            if sampler is not None and directory is not None:
+                peak, samples = sampler.stop()
+                left_bytes, left_files = dir_usage(directory)  # the worker has exited: what close() left
+                disk = {"peak_bytes": peak, "samples": samples, "left_bytes": left_bytes, "left_files": left_files,
+                        "filesystem": filesystem_of(directory)}
+                shutil.rmtree(directory, ignore_errors=True)
+        if disk is not None:
+            result["spool_disk"] = disk
+        return result
+
+
+def dir_usage(directory: str) -> Tuple[int, int]:
+    """(bytes, files) under ``directory`` now; files removed while it is walked are skipped."""
+    size = files = 0
+    for folder, _dirs, names in os.walk(directory):
+        for name in names:
+            try:
+                size += os.stat(os.path.join(folder, name)).st_size
+                files += 1
+            except OSError:
+                continue
+    return size, files
+
+
+def filesystem_of(path: str) -> str:
+    """``ext4 on /dev/vda (/)``: the mount holding ``path`` (fsync costs differ a lot between filesystems)."""
+    path = os.path.realpath(path)
+    best = ("", "unknown", "unknown")
+    try:
+        with open("/proc/mounts") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1]
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > len(best[0]):
+                    best = (point, fields[2], fields[0])
+    except OSError:
+        pass
+    return f"{best[1]} on {best[2]} ({best[0] or '?'})"
+
+
+class DirSampler:
+    """Measures a directory's size every SPOOL_SAMPLE_SECONDS in a thread of this (the parent) process,
+    so the worker under test pays nothing for it; keeps the peak."""
+
+    def __init__(self, directory: str, limit_seconds: float = 900.0) -> None:
+        self.directory = directory
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._limit = limit_seconds
+        self._thread = threading.Thread(target=self._run, name="bench-spool-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        end = time.monotonic() + self._limit  # bounded even if stop() is never called
+        while not self._stop.wait(SPOOL_SAMPLE_SECONDS) and time.monotonic() < end:
+            self.peak = max(self.peak, dir_usage(self.directory)[0])
+            self.samples += 1
+
+    def stop(self) -> Tuple[int, int]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.peak, self.samples
+
+
 def summary(result: Dict[str, Any]) -> str:
     if not result.get("ok"):
         return f"ERROR {result.get('error')}"
@@ -330,6 +452,13 @@ def summary(result: Dict[str, Any]) -> str:
                      "main" if name == "main" else "other")
             groups[group] = groups.get(group, 0.0) + seconds
         parts.append("thread cpu since start " + " ".join(f"{k} {v:.2f}" for k, v in sorted(groups.items())))
+    io = sent.get("io") or {}
+    if "wchar" in io and sent.get("sent"):
+        parts.append(f"written {io['wchar'] / sent['sent']:.0f} B/event in {io.get('syscw', 0)} write calls")
+    disk = result.get("spool_disk")
+    if disk:
+        parts.append(f"spool peak {disk['peak_bytes'] / 1024:.0f} KiB, left after close {disk['left_bytes']} B "
+                     f"in {disk['left_files']} file(s)")
     return ", ".join(parts)
 
 
@@ -513,7 +642,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
 def report(run: Dict[str, Any]) -> Tuple[str, List[Tuple[str, bool, str]]]:
     """The results file's text, and the verdict on each target, from a run's raw figures."""
     results: Dict[str, Dict[str, List[Dict[str, Any]]]] = run["results"]
-    settings = Settings(run["quick"], run["repeats"])
+    settings = Settings(run["quick"], run["repeats"], run.get("spool_repeats"))
     ours_options: Dict[str, Any] = run.get("ours_options", {})  # raw files from before it was recorded: {}
     ours_call = install_call(ours_options)
     capacity = int(ours_options.get("queue_capacity", 10_000))
@@ -752,6 +881,10 @@ def report(run: Dict[str, Any]) -> Tuple[str, List[Tuple[str, bool, str]]]:
             rows.append((label, name, fmt(sdk_v, 3), fmt(ours_v, 3), ratio(ours_v, sdk_v)))
     out += table(["latency", "metric", "SDK", "ours", "ours/SDK"], rows)
 
+    # --- the spool (issue 4)
+    if all(key in results for key in SPOOL_KEYS):
+        out += spool_section(results, settings, ours_call)
+
     # --- targets
     def v(cond: bool, text: str, name: str) -> None:
         verdicts.append((name, cond, text))
@@ -804,6 +937,120 @@ def report(run: Dict[str, Any]) -> Tuple[str, List[Tuple[str, bool, str]]]:
     return "\n".join(out), verdicts
 
 
+def spool_section(results: Dict[str, Dict[str, List[Dict[str, Any]]]], settings: Settings,
+                  ours_call: str) -> List[str]:
+    """The table of the spool section: memory only vs spool_dir vs spool_dir + spool_fsync, and a summary."""
+    names = [v for v, _, _ in SPOOL_VARIANTS]
+    disks = [r["spool_disk"] for key in SPOOL_KEYS for v in names for r in ok_runs(results[key][v])
+             if r.get("spool_disk")]
+    where = disks[0]["filesystem"] if disks else "unknown"
+    fewer = settings.spool_repeats < settings.repeats
+    out = ["", "## Spool: cost on the caller and on throughput (issue 4)", "",
+           f"ours = `{ours_call}` (memory only), against the same call plus `spool_dir=<dir>` and plus "
+           "`spool_dir=<dir>, spool_fsync=True`, where `<dir>` is a fresh temporary directory for every run, removed "
+           f"after it (filesystem: {where}). The three variants run interleaved, each run in a fresh subprocess, "
+           f"{settings.spool_repeats} run(s) per variant and scenario"
+           + (f" (fewer than the {settings.repeats} of the other sections, to keep the full run short)" if fewer
+              else "")
+           + "; figures are medians over the runs, loss columns totals. Caller cost: as above, 1 thread, "
+           f"{settings.caller_calls:,} timed calls after {settings.caller_warmup:,} untimed ones. Throughput: as "
+           f"above, {settings.events:,} events from one caller thread, then `flush_odp_events()`. 'Bytes written "
+           "per event' is the worker process's `wchar` from `/proc/self/io` (bytes passed to `write()` on files "
+           "and pipes — the spool's records and acknowledgement indexes; socket sends are not counted) from the "
+           "first send until `flush_odp_events()` returned, per event sent. 'Peak spool size' is the directory's "
+           f"size sampled every {SPOOL_SAMPLE_SECONDS * 1000:.0f} ms by the benchmark's parent process (segments "
+           "are deleted once every record in them is delivered). Ratio = variant / memory only. "
+           "Loss and duplicates are counted from the server's records.", ""]
+
+    def per_run(runs: List[Dict[str, Any]], fn: Callable[[Dict[str, Any]], Optional[float]]) -> Optional[float]:
+        return med(runs, fn)
+
+    def io_per_event(field: str, scale: float = 1.0) -> Callable[[Dict[str, Any]], Optional[float]]:
+        def one(r: Dict[str, Any]) -> Optional[float]:
+            io = r["sent"].get("io") or {}
+            sent = r["sent"].get("sent")
+            return io[field] * scale / sent if field in io and sent else None
+        return one
+
+    def disk(field: str, scale: float = 1.0) -> Callable[[Dict[str, Any]], Optional[float]]:
+        def one(r: Dict[str, Any]) -> Optional[float]:
+            found = r.get("spool_disk")
+            return found[field] * scale if found else None
+        return one
+
+    rows: List[Tuple[str, ...]] = []
+    medians: Dict[Tuple[str, str], Dict[str, Optional[float]]] = {}
+
+    def add(setting: str, metric: str, key: str, fn: Callable[[List[Dict[str, Any]]], Optional[float]],
+            digits: int, *, with_ratio: bool = True, memory_na: bool = False) -> None:
+        values = {v: fn(results[key][v]) for v in names}
+        if memory_na:
+            values["memory"] = None
+        medians[(key, metric)] = values
+        row = [setting, metric]
+        for v in names:
+            value = values[v]
+            row.append(fmt(int(value) if digits == 0 and isinstance(value, float) and value.is_integer() else value,
+                           digits))
+            if v != "memory":
+                row.append(ratio(value, values["memory"]) if with_ratio else "")
+        rows.append(tuple(row))
+
+    caller_label = "caller cost, 1 thread (µs)"
+    for metric, label in (("p50_us", "p50"), ("p99_us", "p99"), ("max_us", "max"), ("mean_us", "mean")):
+        add(caller_label, label, "spool_caller1", lambda runs, m=metric: per_run(runs, lambda r: r["sent"][m]), 2)
+    for metric in ("lost", "duplicated"):
+        add(caller_label, f"events {metric} (all runs)", "spool_caller1",
+            lambda runs, m=metric: server_total(runs, m), 0, with_ratio=False)
+    for key, label in (("spool_tput0", "throughput, no added latency"),
+                       ("spool_tput50", f"throughput, {settings.latency * 1000:.0f} ms per request")):
+        sent_total = server_total(results[key]["memory"], "sent")
+        add(label, "events/s delivered", key, lambda runs: med(runs, events_per_second), 0)
+        add(label, "caller's send loop (s)", key, lambda runs: med(runs, send_seconds), 3)
+        add(label, "first send to last event recorded (s)", key, lambda runs: med(runs, span_seconds), 2)
+        for metric in ("delivered", "lost", "duplicated"):
+            add(label, f"{metric} (all runs, of {fmt(sent_total)} sent)", key,
+                lambda runs, m=metric: server_total(runs, m), 0, with_ratio=False)
+        add(label, "process CPU s / 10,000 delivered", key, cpu_per_10k, 3)
+        add(label, "bytes written per event (wchar)", key, lambda runs: per_run(runs, io_per_event("wchar")), 0,
+            with_ratio=False)
+        add(label, "write() calls per 1,000 events", key,
+            lambda runs: per_run(runs, io_per_event("syscw", 1000.0)), 1, with_ratio=False)
+        add(label, "peak spool size (KiB)", key, lambda runs: per_run(runs, disk("peak_bytes", 1 / 1024)), 0,
+            with_ratio=False, memory_na=True)
+        add(label, "left in the spool after close (bytes, all runs)", key,
+            lambda runs: total(runs, lambda r: int((r.get("spool_disk") or {}).get("left_bytes", 0))), 0,
+            with_ratio=False, memory_na=True)
+    header = ["setting", "metric"]
+    for v, label, _ in SPOOL_VARIANTS:
+        header.append(f"ours {label}")
+        if v != "memory":
+            header.append(f"{v} / memory")
+    out += table(header, rows)
+
+    # A one-paragraph reading of the table (the same numbers).
+    def value(key: str, metric: str, variant: str) -> Optional[float]:
+        return medians.get((key, metric), {}).get(variant)
+
+    losses = {v: sum(int(server_total(results[k][v], "lost") or 0) + int(server_total(results[k][v], "duplicated")
+                                                                         or 0) for k in SPOOL_KEYS) for v in names}
+    parts = []
+    for v, label, _ in SPOOL_VARIANTS[1:]:
+        p50 = (value("spool_caller1", "p50", "memory"), value("spool_caller1", "p50", v))
+        p99 = (value("spool_caller1", "p99", "memory"), value("spool_caller1", "p99", v))
+        t0 = (value("spool_tput0", "events/s delivered", "memory"), value("spool_tput0", "events/s delivered", v))
+        t50 = (value("spool_tput50", "events/s delivered", "memory"), value("spool_tput50", "events/s delivered", v))
+        parts.append(f"`{label.lstrip('+ ')}`: caller p50 {fmt(p50[1], 2)} µs vs {fmt(p50[0], 2)} µs "
+                     f"({ratio(p50[1], p50[0])}), p99 {fmt(p99[1], 1)} vs {fmt(p99[0], 1)} µs "
+                     f"({ratio(p99[1], p99[0])}); "
+                     f"throughput {fmt(t0[1], 0)} vs {fmt(t0[0], 0)} events/s with no added latency "
+                     f"({ratio(t0[1], t0[0])}) and {fmt(t50[1], 0)} vs {fmt(t50[0], 0)} at "
+                     f"{settings.latency * 1000:.0f} ms ({ratio(t50[1], t50[0])}); lost + duplicated over all its "
+                     f"runs: {fmt(losses[v])}")
+    out += ["", "Reading (medians, with the spool vs memory only): " + "; ".join(parts) + "."]
+    return out
+
+
 INFO_VARIANTS = (
     ("tput0_mif8", "ours, queue_capacity=25,000 + max_in_flight=8 — no added latency"),
     ("ceil0_4", "ceiling: bare requests, 4 connections — no added latency"),
@@ -821,6 +1068,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="runs per caller-cost and throughput scenario (default 3, quick 1)")
     parser.add_argument("--no-info", action="store_true",
                         help="skip the informational runs (all defaults, max_in_flight=8, calibration ceiling)")
+    parser.add_argument("--spool-repeats", type=int, default=None,
+                        help="runs per scenario and variant in the spool section (default: as --repeats)")
+    parser.add_argument("--no-spool", action="store_true",
+                        help="skip the spool section (memory only vs spool_dir vs spool_dir + spool_fsync)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target of issue 5 is not met")
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"),
                         help="the results file to write (its raw figures go beside it, .json)")
@@ -830,7 +1081,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.render:
         with open(args.render, encoding="utf-8") as handle:
             return write_report(json.load(handle), args.output, None, args.strict)
-    settings = Settings(args.quick, args.repeats)
+    settings = Settings(args.quick, args.repeats, args.spool_repeats)
     command = " ".join([os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(os.getcwd())
                         else sys.executable, *([os.path.relpath(sys.argv[0])] if sys.argv else []),
                         *(argv if argv is not None else sys.argv[1:])])
@@ -857,9 +1108,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results["ceil50_4"] = bench.ceiling(settings.latency, 4)
             results["ceil50_8"] = bench.ceiling(settings.latency, 8)
         results["memory"] = bench.memory()
+        if not args.no_spool:
+            results.update(bench.spool())
     finally:
         server.stop()
-    run = {"quick": settings.quick, "repeats": settings.repeats, "command": command, "ours_options": OURS_OPTIONS,
+    run = {"quick": settings.quick, "repeats": settings.repeats, "spool_repeats": settings.spool_repeats,
+           "command": command, "ours_options": OURS_OPTIONS,
            "elapsed": time.monotonic() - started, "machine": machine(load_before), "log": bench.log, "results": results}
     return write_report(run, args.output, raw_path, args.strict)
 
