@@ -9,6 +9,7 @@ SDK a fresh manager of its own again. optimizely-sdk 4.x has no ODP code, so not
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Dict, Optional
 
 from .event import validate
@@ -33,6 +34,7 @@ class SdkEventManagerBridge:
         self.logger = logger
         self._enqueue = enqueue
         self.odp_config = getattr(original, "odp_config", None)
+        self.handover: Optional[threading.Thread] = None  # stopping the SDK's own manager
 
     @property
     def is_running(self) -> bool:
@@ -89,16 +91,23 @@ def attach(client: Any, enqueue: Callable[[Any], bool], logger: Any) -> Optional
     odp_manager.event_manager = bridge
     if original.is_running:
         # Its queue holds at most the identify events of contexts created before install: let it
-        # deliver them and stop, so that from now on one sender serves this client.
-        # Its "Stopping ODP event queue." warning would alarm users about an intended hand-over.
-        logger_before, original.logger = original.logger, _quiet
-        try:
-            original.stop()
-        except Exception:
-            _log.debug("stopping the SDK's ODP event manager failed", exc_info=True)
-        finally:
-            original.logger = logger_before
+        # deliver them and stop, so that from now on one sender serves this client. Its stop()
+        # joins its thread, which may be in a request: never on the caller's thread.
+        bridge.handover = threading.Thread(target=_stop_quietly, args=(original,), name="odp-ext-handover",
+                                           daemon=True)
+        bridge.handover.start()
     return bridge
+
+
+def _stop_quietly(original: Any) -> None:
+    # Its "Stopping ODP event queue." warning would alarm users about an intended hand-over.
+    logger_before, original.logger = original.logger, _quiet
+    try:
+        original.stop()
+    except Exception:
+        _log.debug("stopping the SDK's ODP event manager failed", exc_info=True)
+    finally:
+        original.logger = logger_before
 
 
 def detach(client: Any, bridge: SdkEventManagerBridge) -> None:
@@ -107,7 +116,7 @@ def detach(client: Any, bridge: SdkEventManagerBridge) -> None:
     if odp_manager is None or getattr(odp_manager, "event_manager", None) is not bridge:
         return
     original = bridge.original
-    if original.is_running or not original.thread.ident:
+    if bridge.handover is None and not original.thread.ident:
         odp_manager.event_manager = original  # never started: still usable as it is
     else:
         fresh = type(original)(original.logger, original.api_manager, flush_interval=original.flush_interval)

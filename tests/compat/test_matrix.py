@@ -165,7 +165,9 @@ def test_sdk_identify_events_go_through_our_manager_and_back_after_uninstall(
         client._identify_user({"fs_user_id": "user-1", "email": "u@example.com"})
     bridge = client.odp_manager.event_manager
     assert type(bridge).__name__ == "SdkEventManagerBridge"
-    assert not sdk_manager.is_running  # the SDK's thread was handed over and stopped
+    # The SDK's thread is handed over and stopped in the background (its stop() joins the thread).
+    sdk_manager.thread.join(10)
+    assert not sdk_manager.is_running
     assert client.flush_odp_events(5)
     identified = [e for e in odp_server.events if e["action"] == "identified"]
     assert [e["identifiers"]["fs_user_id"] for e in identified] == ["user-1"]
