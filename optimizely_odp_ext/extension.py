@@ -11,7 +11,7 @@ import logging
 import threading
 import types
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from . import _compat, _sdk_bridge
 from .event import DEFAULT_TYPE, OdpData, validate
@@ -228,8 +228,8 @@ def _follow_datafile(client: Any, state: _ClientState) -> None:
         if target is not None:
             manager.update_config(*odp_integration(_read_config(target)))
 
-    centers = _notification_centers(client)
-    for center in centers:
+    center = _notification_center(client)
+    if center is not None:
         try:
             center.add_notification_listener(_CONFIG_UPDATE, on_config_update)
         except Exception:
@@ -238,14 +238,11 @@ def _follow_datafile(client: Any, state: _ClientState) -> None:
     on_config_update()
 
 
-def _notification_centers(client: Any) -> List[Any]:
-    centers: List[Any] = []
-    config_manager = getattr(client, "config_manager", None)
-    for center in (getattr(config_manager, "notification_center", None), getattr(client, "notification_center", None)):
-        if center is not None and all(center is not c for c in centers):
-            centers.append(center)
-    # The config manager notifies its own center; the client's only when they are the same object.
-    return centers[:1]
+def _notification_center(client: Any) -> Any:
+    """Where datafile updates are announced: the config manager's own center (the client's is
+    notified only when it is that same object, as with the SDK's default config managers)."""
+    center = getattr(getattr(client, "config_manager", None), "notification_center", None)
+    return center if center is not None else getattr(client, "notification_center", None)
 
 
 def _drop_state(client: Any, state: _ClientState) -> None:
@@ -254,7 +251,8 @@ def _drop_state(client: Any, state: _ClientState) -> None:
         _sdk_bridge.detach(client, state.bridge)
         state.bridge = None
     if state.listener is not None:
-        for center in _notification_centers(client):
+        center = _notification_center(client)
+        if center is not None:
             _remove_listener(center, state.listener)
         state.listener = None
     try:

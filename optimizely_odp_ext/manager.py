@@ -622,12 +622,10 @@ class EventManager:
 
     def _schedule_retry(self, batch: _Batch, reply: Reply, now: float) -> None:
         batch.attempts += 1
-        first = batch.first_attempt if batch.first_attempt is not None else now
+        first = _first_attempt(batch)
         if self._policy.expired(first, now):
-            self._finish_batch(batch)
-            self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
-                f"gave up on {len(batch.events)} event(s) after {batch.attempts} attempt(s) over "
-                f"{now - first:.0f} s; last: {_describe(reply)}"))
+            self._give_up(batch, f" after {batch.attempts} attempt(s) over {now - first:.0f} s; "
+                                 f"last: {_describe(reply)}")
             return
         delay = self._policy.delay(batch.attempts, reply.retry_after)
         if self._closing:
@@ -643,6 +641,11 @@ class EventManager:
                 f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
                 f"(next attempt in {delay:.1f} s).")
 
+    def _give_up(self, batch: _Batch, why: str) -> None:
+        self._finish_batch(batch)
+        self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
+            f"gave up on {len(batch.events)} event(s){why}"))
+
     def _recovered(self, now: float) -> None:
         assert self._failing_since is not None
         self.logger.info(f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
@@ -657,13 +660,8 @@ class EventManager:
             return
         kept = []
         for entry in heap:
-            batch = entry[2]
-            first = batch.first_attempt if batch.first_attempt is not None else now
-            if self._policy.expired(first, now):
-                self._finish_batch(batch)
-                self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
-                    f"gave up on {len(batch.events)} event(s): retry window of "
-                    f"{self._policy.window:g} s expired"))
+            if self._policy.expired(_first_attempt(entry[2]), now):
+                self._give_up(entry[2], f": retry window of {self._policy.window:g} s expired")
             else:
                 kept.append(entry)
         if len(kept) != len(heap):
@@ -838,6 +836,12 @@ class EventManager:
         self._requests += 1
         self._send_queue.append(batch)
         self._send_ready.release()
+
+
+def _first_attempt(batch: _Batch) -> float:
+    # Set by _submit before any reply can exist; halves of a split batch inherit it.
+    assert batch.first_attempt is not None
+    return batch.first_attempt
 
 
 def _describe(reply: Reply) -> str:
