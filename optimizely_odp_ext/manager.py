@@ -17,7 +17,6 @@ Flow on the worker, each pass:
 
 from __future__ import annotations
 
-import atexit
 import collections
 import heapq
 import itertools
@@ -25,10 +24,9 @@ import logging
 import os
 import threading
 import time
-import weakref
 from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
-from . import _compat
+from . import _compat, _lifecycle
 from .event import Encoded, Pending, batch_size_bytes, default_data, encode, join
 from .retry import NETWORK_ERROR, RetryPolicy, Verdict, classify
 from .settings import Options
@@ -121,7 +119,7 @@ class EventManager:
             self._open_spool(options.spool_dir)
         if options.api_host is not None and options.api_key is not None:
             self.update_config(options.api_host, options.api_key, True)
-        _register(self)
+        _lifecycle.register(self)
         if self._has_backlog():
             self._start()  # events left by an earlier process go out now, not on the first send
 
@@ -340,20 +338,36 @@ class EventManager:
 
         Safe to call twice; events sent afterwards are discarded with one log line each.
         """
+        budget = self.options.close_timeout if timeout is None else max(timeout, 0.0)
+        deadline = time.monotonic() + budget
+        if self.begin_close(deadline):
+            self.end_close(deadline)
+
+    def begin_close(self, deadline: float) -> bool:
+        """Starts closing: the worker delivers what it can until ``deadline`` (a monotonic time).
+
+        Returns:
+            False when the manager was already closed (then :meth:`end_close` must not follow).
+        """
         with self._lifecycle:
             if self._closed:
-                return
+                return False
             self._closed = True
-        _unregister(self)
+        _lifecycle.unregister(self)
         if self._pid != os.getpid():
             self._after_fork()
-        budget = self.options.close_timeout if timeout is None else max(timeout, 0.0)
         worker = self._worker
         if worker is not None and worker.is_alive():
-            self._close_deadline = time.monotonic() + budget
+            self._close_deadline = deadline
             self._closing = True
             self._wake.set()
-            worker.join(budget + 1.0)
+        return True
+
+    def end_close(self, deadline: float) -> None:
+        """Waits for the worker (until ``deadline`` plus a margin), then releases threads and sockets."""
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            worker.join(max(deadline - time.monotonic(), 0.0) + 1.0)
         self._finish()
 
     def _refuse_late(self) -> bool:
@@ -860,48 +874,3 @@ def _rejection(reply: Reply, batch: _Batch) -> str:
 
 def _reasons(dropped: Dict[str, int]) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in dropped.items() if count)
-
-
-# ----------------------------------------------------------------- process-wide: exit and fork
-
-_MANAGERS: weakref.WeakSet[EventManager] = weakref.WeakSet()
-_REGISTRY_LOCK = threading.Lock()
-
-
-def _register(manager: EventManager) -> None:
-    with _REGISTRY_LOCK:
-        _MANAGERS.add(manager)
-
-
-def _unregister(manager: EventManager) -> None:
-    with _REGISTRY_LOCK:
-        _MANAGERS.discard(manager)
-
-
-def live_managers() -> List[EventManager]:
-    """The managers not closed yet, in this process."""
-    with _REGISTRY_LOCK:
-        return list(_MANAGERS)
-
-
-def _close_all_at_exit() -> None:
-    """The exit hook: deliver what is queued, each manager bounded by its close_timeout."""
-    for manager in live_managers():
-        if manager.options.flush_at_exit and not manager.closed:
-            try:
-                manager.close()
-            except Exception:  # never let one manager's failure skip the others at exit
-                _log.exception("closing ODP event manager at exit failed")
-
-
-def _after_fork_in_child() -> None:
-    global _REGISTRY_LOCK  # noqa: PLW0603 - replaced in the child, see below
-    # Another thread may have held the lock at fork time; in the child it would never be released.
-    _REGISTRY_LOCK = threading.Lock()
-    for manager in list(_MANAGERS):
-        manager._after_fork()
-
-
-atexit.register(_close_all_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
