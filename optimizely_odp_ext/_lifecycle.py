@@ -14,10 +14,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 import weakref
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Set, Union
 
 from typing_extensions import Protocol
 
@@ -36,17 +38,33 @@ class Closable(Protocol):
 
     def end_close(self, deadline: float) -> None: ...
 
+    def close_in_background(self) -> None: ...
+
     def _after_fork(self) -> None: ...
 
 
 _MANAGERS: weakref.WeakSet[Any] = weakref.WeakSet()
-_REGISTRY_LOCK = threading.Lock()
+# Managers of garbage-collected clients, still delivering in the background: held strongly until
+# they finish, so the exit hook can wait for them too.
+_BACKGROUND: Set[Any] = set()
+# Re-entrant: the SIGTERM handler runs on the main thread, possibly inside register().
+_REGISTRY_LOCK = threading.RLock()
 
 
 def register(manager: Closable) -> None:
     """Adds a manager to the process's registry (weakly: a dropped manager leaves by itself)."""
     with _REGISTRY_LOCK:
         _MANAGERS.add(manager)
+    _arm_process_finalizers()
+
+
+def closing_in_background(manager: Closable, closing: bool) -> None:
+    """Tracks a manager closing without a caller waiting (its client was garbage-collected)."""
+    with _REGISTRY_LOCK:
+        if closing:
+            _BACKGROUND.add(manager)
+        else:
+            _BACKGROUND.discard(manager)
 
 
 def unregister(manager: Closable) -> None:
@@ -64,9 +82,7 @@ def live_managers() -> List[Any]:
 def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bool = True) -> int:
     """Closes every live manager of this process concurrently, under one deadline.
 
-    Each manager starts delivering at once (all in parallel), then each is waited for until the
-    shared deadline. The whole call takes at most ``timeout`` (default: the largest
-    ``close_timeout`` among the managers) plus a join margin.
+    Managers of garbage-collected clients still delivering in the background are waited for too.
 
     Args:
         timeout: The shared budget in seconds; None takes the largest ``close_timeout``.
@@ -78,9 +94,32 @@ def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bo
     """
     managers = [m for m in live_managers()
                 if not m.closed and (not at_exit or getattr(m.options, "flush_at_exit", True))]
-    if not managers:
+    with _REGISTRY_LOCK:
+        background = list(_BACKGROUND)
+    return close_managers(managers, timeout, why=why, waiting=background)
+
+
+def close_managers(managers: List[Any], timeout: Optional[float] = None, *, why: str = "close",
+                   waiting: Optional[List[Any]] = None) -> int:
+    """Closes ``managers`` concurrently: each starts delivering at once, all share one deadline.
+
+    The whole call takes at most ``timeout`` (default: the largest ``close_timeout`` among them)
+    plus a join margin, however many managers there are.
+
+    Args:
+        managers: The managers to close (already closed ones are skipped).
+        timeout: The shared budget in seconds; None takes the largest ``close_timeout``.
+        why: What is closing them (for the debug log).
+        waiting: Managers already closing that should be waited for under the same deadline.
+
+    Returns:
+        How many managers were closed by this call.
+    """
+    waiting = waiting or []
+    if not managers and not waiting:
         return 0
-    budget = max(m.options.close_timeout for m in managers) if timeout is None else max(timeout, 0.0)
+    budget = (max(m.options.close_timeout for m in managers + waiting) if timeout is None
+              else max(timeout, 0.0))
     deadline = time.monotonic() + budget
     _log.debug("closing %d ODP event manager(s) (%s), budget %.1f s", len(managers), why, budget)
     started = []
@@ -90,7 +129,7 @@ def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bo
                 started.append(manager)
         except Exception:  # one manager's failure never skips the others
             _log.exception("closing ODP event manager (%s) failed", why)
-    for manager in started:
+    for manager in started + waiting:
         try:
             manager.end_close(deadline)
         except Exception:
@@ -100,6 +139,66 @@ def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bo
 
 def _close_all_at_exit() -> None:
     close_all(why="interpreter exit")
+
+
+def close_client_in_background(manager: Closable) -> None:
+    """The finalizer of a garbage-collected client: its manager delivers, then releases its threads."""
+    try:
+        manager.close_in_background()
+    except Exception:  # a finalizer must never raise
+        _log.exception("closing the ODP event manager of a dropped client failed")
+
+
+# ----------------------------------------------------------------- children of multiprocessing / billiard
+
+# A forked child of multiprocessing (or billiard, Celery's fork of it) ends with os._exit() after
+# running that library's finalizers: atexit never runs there. So in such a child a finalizer of
+# theirs delivers what the child queued. The parent's events stay the parent's (see
+# EventManager._after_fork), so nothing is sent twice.
+_PROCESS_LIBRARIES = ("multiprocessing.util", "billiard.util")
+_armed_libraries: Set[str] = set()
+_finalizer_pids: Set[str] = set()
+
+
+class _Anchor:
+    """What the libraries' weakly held after-fork registries hold on to (lives as long as this module)."""
+
+
+_ANCHOR = _Anchor()
+
+
+def _arm_process_finalizers() -> None:
+    """Once per library, when it is imported: a hook that runs in each of its forked children."""
+    for name in _PROCESS_LIBRARIES:
+        if name in _armed_libraries:
+            continue
+        util = sys.modules.get(name)
+        register_after_fork = getattr(util, "register_after_fork", None)
+        if register_after_fork is None:
+            continue
+        _armed_libraries.add(name)
+        try:
+            # Runs in the child after the library cleared the finalizers it inherited.
+            register_after_fork(_ANCHOR, _finalizer_installer(name))
+        except Exception:
+            _log.debug("could not hook %s's forked children", name, exc_info=True)
+
+
+def _finalizer_installer(name: str) -> Callable[[Any], None]:
+    def install_finalizer(_anchor: Any) -> None:
+        util = sys.modules.get(name)
+        key = f"{name}:{os.getpid()}"
+        if util is None or key in _finalizer_pids:
+            return
+        _finalizer_pids.add(key)
+        # exitpriority >= 0: run by the child's first round of finalizers, before its daemonic
+        # children are terminated and its queues' feeder threads are joined.
+        util.Finalize(None, _close_all_in_child, args=(name.split(".", maxsplit=1)[0],), exitpriority=10)
+    return install_finalizer
+
+
+def _close_all_in_child(library: str) -> None:
+    close_all(why=f"{library} child exit")
 
 
 # ----------------------------------------------------------------- fork
@@ -116,7 +215,10 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     global _REGISTRY_LOCK  # noqa: PLW0603 - a fresh lock in the child, see _before_fork
-    _REGISTRY_LOCK = threading.Lock()
+    _REGISTRY_LOCK = threading.RLock()
+    # Managers closing in the background belong to the parent: their threads are not here.
+    _BACKGROUND.clear()
+    _arm_process_finalizers()
     for manager in list(_MANAGERS):
         try:
             manager._after_fork()
@@ -128,3 +230,72 @@ atexit.register(_close_all_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                         after_in_child=_after_fork_in_child)
+
+
+# ----------------------------------------------------------------- SIGTERM (opt-in)
+
+_Handler = Union[Callable[[int, Any], Any], int, None]
+_sigterm_previous: Optional[_Handler] = None
+_sigterm_installed = False
+
+
+def enable_sigterm_flush(logger: Any = None) -> bool:
+    """Installs the opt-in SIGTERM handler (``flush_on_sigterm=True``): deliver, then hand over.
+
+    Python's default SIGTERM handling kills the process at once: neither ``atexit`` nor ``close()``
+    run. Our handler closes every live manager (one shared deadline, the largest
+    ``close_timeout``), then hands over to the handler that was installed before it: a Python
+    handler is called; the default one ends the process as SIGTERM would (killed by the signal);
+    an ignored SIGTERM stays ignored. Installed once per process, and only from the main thread (as
+    Python requires). A handler the application sets later replaces ours, and we never put ours
+    back.
+
+    Returns:
+        True when our handler is in place.
+    """
+    global _sigterm_previous, _sigterm_installed
+    if _sigterm_installed:
+        return signal.getsignal(signal.SIGTERM) is _on_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        if logger is not None:
+            logger.warning("flush_on_sigterm=True needs install() on the main thread (Python sets signal "
+                           "handlers there only); SIGTERM keeps its default handling.")
+        return False
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError) as exc:
+        if logger is not None:
+            logger.warning(f"flush_on_sigterm=True: cannot set a SIGTERM handler ({exc}).")
+        return False
+    _sigterm_previous, _sigterm_installed = previous, True
+    return True
+
+
+def disable_sigterm_flush() -> None:
+    """Puts the previous SIGTERM handler back, if ours is still the one installed."""
+    global _sigterm_installed  # noqa: PLW0603
+    if not _sigterm_installed:
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, _sigterm_previous if _sigterm_previous is not None else signal.SIG_DFL)
+    except (ValueError, OSError):
+        return  # not on the main thread: leave ours, it hands over anyway
+    _sigterm_installed = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    try:
+        close_all(why="SIGTERM")
+    except Exception:
+        _log.exception("delivering ODP events at SIGTERM failed")
+    previous = _sigterm_previous
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:
+        # The default action: end the process as SIGTERM would have, now that the events are out.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from . import _compat
@@ -152,24 +153,25 @@ def encode(pending: Pending, defaults: Mapping[str, DataValue]) -> Encoded:
     return Encoded(body.encode("ascii"), str(merged["idempotence_id"]))
 
 
-class _IdPool:
+class _IdPool(threading.local):
     """Random UUID4 strings, drawn from the OS a few hundred at a time.
 
     ``str(uuid.uuid4())`` per event costs a system call and a hand-over of the interpreter lock
-    each time; one ``os.urandom`` for a block is far cheaper on the worker. Refilled after a fork,
-    so a child never repeats its parent's ids.
+    each time; one ``os.urandom`` for a block is far cheaper on the worker. The pool is
+    thread-local: every manager's worker draws from its own block, so several clients in one
+    process never race on a shared position and nothing needs a lock. Refilled after a fork, so a
+    child never repeats its parent's ids.
     """
 
-    _BLOCK = 256
-
-    def __init__(self) -> None:
+    def __init__(self, block: int = 256) -> None:
+        self._block = block
         self._hex = ""
         self._pos = 0
         self._pid = -1
 
     def next(self) -> str:
         if self._pos >= len(self._hex) or self._pid != os.getpid():
-            self._hex = os.urandom(16 * self._BLOCK).hex()
+            self._hex = os.urandom(16 * self._block).hex()
             self._pos = 0
             self._pid = os.getpid()
         h = self._hex[self._pos:self._pos + 32]

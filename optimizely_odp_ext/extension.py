@@ -13,7 +13,7 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Optional
 
-from . import _compat, _sdk_bridge
+from . import _compat, _lifecycle, _sdk_bridge
 from .event import DEFAULT_TYPE, OdpData, validate
 from .manager import UNDETERMINED, EventManager
 from .settings import ConfigurationError, Options, client_logger, from_client, make_options, odp_integration
@@ -36,8 +36,8 @@ _class_states: weakref.WeakSet[_ClientState] = weakref.WeakSet()
 class _ClientState:
     """One client's plugin state: its manager, its logger, its datafile listener."""
 
-    __slots__ = ("__weakref__", "bridge", "client", "disabled", "instance_attrs", "listener", "logger",
-                 "manager", "options", "static_config")
+    __slots__ = ("__weakref__", "bridge", "client", "disabled", "finalizer", "instance_attrs", "listener",
+                 "logger", "manager", "options", "static_config")
 
     def __init__(self, client: Any, options: Options, logger: Any, manager: EventManager) -> None:
         self.client = weakref.ref(client)
@@ -52,6 +52,10 @@ class _ClientState:
         self.bridge: Optional[_sdk_bridge.SdkEventManagerBridge] = None
         # Instance level: the attributes we set on the instance and what was there before.
         self.instance_attrs: Dict[str, Any] = {}
+        # A client dropped without close(): its manager delivers what it queued (bounded by
+        # close_timeout), then ends its threads and connections. Not at exit: the exit hook does it.
+        self.finalizer = weakref.finalize(client, _lifecycle.close_client_in_background, manager)
+        self.finalizer.atexit = False
 
 
 # ----------------------------------------------------------------- the mixin
@@ -247,6 +251,16 @@ def _notification_center(client: Any) -> Any:
 
 def _drop_state(client: Any, state: _ClientState) -> None:
     """Flushes and stops the client's manager, stops following its datafile, hands ODP back to the SDK."""
+    _detach_state(client, state)
+    try:
+        state.manager.close()
+    except Exception:
+        _log.exception("closing the ODP event manager failed")
+
+
+def _detach_state(client: Any, state: _ClientState) -> None:
+    """Everything of :func:`_drop_state` but closing the manager (closed by the caller)."""
+    state.finalizer.detach()
     if state.bridge is not None:
         _sdk_bridge.detach(client, state.bridge)
         state.bridge = None
@@ -255,10 +269,6 @@ def _drop_state(client: Any, state: _ClientState) -> None:
         if center is not None:
             _remove_listener(center, state.listener)
         state.listener = None
-    try:
-        state.manager.close()
-    except Exception:
-        _log.exception("closing the ODP event manager failed")
     client.__dict__.pop(_STATE_ATTR, None)
 
 
@@ -309,6 +319,8 @@ def install(client: Any = None, **options: Any) -> bool:
     explicit = frozenset(options)
     if not _check_sdk():
         return False
+    if resolved.flush_on_sigterm:
+        _lifecycle.enable_sigterm_flush(resolved.logger or _logger_of(client))
     cls = _optimizely_class()
     with _lock:
         if client is None:
@@ -386,6 +398,7 @@ def _uninstall_class() -> bool:
     global _class_options, _class_explicit
     if not _class_originals:
         return False
+    sigterm = _class_options is not None and _class_options.flush_on_sigterm
     cls = _optimizely_class()
     for name, original in _class_originals.items():
         current = cls.__dict__.get(name)
@@ -397,12 +410,18 @@ def _uninstall_class() -> bool:
             setattr(cls, name, original)
     _class_originals.clear()
     _class_options, _class_explicit = None, frozenset()
-    # Clients served by the class-level install: deliver what they queued, then let them go.
+    # Clients served by the class-level install: deliver what they queued (all at once, one
+    # close_timeout for all of them), then let them go.
+    managers = []
     for state in list(_class_states):
         client = state.client()
         if client is not None and client.__dict__.get(_STATE_ATTR) is state:
-            _drop_state(client, state)
+            _detach_state(client, state)
+            managers.append(state.manager)
     _class_states.clear()
+    _lifecycle.close_managers(managers, why="uninstall")
+    if sigterm:
+        _lifecycle.disable_sigterm_flush()
     return True
 
 

@@ -41,8 +41,10 @@ NOT_INTEGRATED = "not_integrated"
 REFUSED = "refused"
 
 # "unconfirmed": a request was in flight when the close deadline passed; ODP may have accepted it.
-DROP_REASONS = ("rejected", "too_large", "queue_full", "retry_expired", "shutdown", "unconfirmed",
-                "not_integrated", "invalid")
+# "rejected_systemic": ODP refused every part of a batch alike (a revoked key, a changed schema), so
+# the batch was not split down to single events.
+DROP_REASONS = ("rejected", "rejected_systemic", "too_large", "queue_full", "retry_expired", "shutdown",
+                "unconfirmed", "not_integrated", "invalid")
 
 SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
 _WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
@@ -57,16 +59,37 @@ class Target(NamedTuple):
     url: str
 
 
-class _Batch:
-    __slots__ = ("attempts", "events", "first_attempt", "min_seq", "probe", "target")
+# A family is declared systemic when every part at this depth of splitting (4 quarters) was refused
+# alike and no part was delivered; while ODP keeps refusing alike, one level (2 halves) suffices.
+_SYSTEMIC_DEPTH = 2
 
-    def __init__(self, events: List[Encoded], target: Target, first_attempt: Optional[float] = None) -> None:
+
+class _Family:
+    """The parts of one batch that was split after a 400: what they showed so far."""
+
+    __slots__ = ("delivered", "failures", "size", "systemic")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.failures: Dict[int, int] = {}  # depth -> parts refused with a 400 at that depth
+        self.delivered = False
+        self.systemic = False
+
+
+class _Batch:
+    __slots__ = ("attempts", "depth", "events", "family", "first_attempt", "min_seq", "probe", "rekeyed", "target")
+
+    def __init__(self, events: List[Encoded], target: Target, first_attempt: Optional[float] = None,
+                 family: Optional[_Family] = None, depth: int = 0) -> None:
         self.events = events
         self.target = target
         self.first_attempt = first_attempt
         self.attempts = 0
         self.min_seq = min(e.seq for e in events)
         self.probe = False
+        self.family = family
+        self.depth = depth
+        self.rekeyed = False
 
 
 _Item = Tuple[Pending, Optional[Target]]
@@ -110,7 +133,9 @@ class EventManager:
         self._target: Optional[Target] = None
         self._initial_target: Optional[Target] = None
         self._refusal = ""
-        self._lifecycle = threading.Lock()
+        # Re-entrant: the SIGTERM opt-in closes managers from a signal handler, which runs on the main
+        # thread, possibly while that thread is inside one of these sections.
+        self._lifecycle = threading.RLock()
         self._closed = False
         self._spool: Optional[Spool] = None
         self._recovery: Optional[Iterator[Tuple[str, str, Encoded]]] = None
@@ -148,7 +173,7 @@ class EventManager:
         self._queue: Deque[_Item] = collections.deque()
         self._wake = threading.Event()
         self._start_lock = threading.Lock()
-        self._flush_cond = threading.Condition(threading.Lock())
+        self._flush_cond = threading.Condition(threading.RLock())
         self._worker: Optional[threading.Thread] = None
         self._senders: List[threading.Thread] = []
         self._send_queue: Deque[Optional[_Batch]] = collections.deque()
@@ -157,13 +182,14 @@ class EventManager:
         self._transport: Optional[Transport] = None
         self._closing = False
         self._finished = False
+        self._in_background = False  # closing without a caller waiting (the client was garbage-collected)
         self._idle = False
         self._seen_empty = True
         self._close_seen = False
         self._close_deadline = 0.0
         self._flush_waiters = 0
         # Counted by the caller's side, on rare paths only (under _count_lock).
-        self._count_lock = threading.Lock()
+        self._count_lock = threading.RLock()
         self._overflowed = 0
         self._overflow_popped = 0  # drop_oldest: events that left the queue from the caller's side
         self._invalid = 0
@@ -178,6 +204,7 @@ class EventManager:
         self._in_flight = 0
         self._in_flight_events = 0
         self._probe_in_flight = False
+        self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
         self._priority: Deque[_Batch] = collections.deque()
         self._retry_heap: List[Tuple[float, int, _Batch]] = []
         self._retry_seq = itertools.count()
@@ -307,31 +334,57 @@ class EventManager:
         """Waits until every event queued before this call is delivered or given up.
 
         Args:
-            timeout: Seconds to wait at most; None waits until done (bounded by the retry window).
+            timeout: Seconds to wait at most. None is bounded too: by ``retry_window`` plus one
+                request's timeouts (the longest any event can take to reach an outcome), and by
+                ``close_timeout`` while no datafile has arrived (none may ever come: a wrong SDK
+                key, an unreachable CDN).
 
         Returns:
-            True when all of them reached an outcome, False on timeout.
+            True when all of them reached an outcome, False when it gave up (logged, with why).
         """
         if self._pid != os.getpid():
             self._after_fork()
         if self._worker is None or not self._worker.is_alive():
             return not self._queue
         barrier = self._popped + self._overflow_popped + len(self._queue)
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        start = time.monotonic()
+        options = self.options
+        bound = (options.retry_window + options.connect_timeout + options.request_timeout
+                 if timeout is None else max(timeout, 0.0))
+        deadline = start + bound
         with self._flush_cond:
             self._flush_waiters += 1
             self._wake.set()
             try:
                 while self._low_water < barrier:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
+                    now = time.monotonic()
+                    wait = min(deadline - now, _IDLE_WAKE)
+                    if timeout is None and self._state is UNDETERMINED:
+                        wait = min(wait, start + options.close_timeout - now)
+                    if wait <= 0:
+                        self._flush_gave_up(now - start, timeout is None)
                         return False
-                    self._flush_cond.wait(_IDLE_WAKE if remaining is None else min(remaining, _IDLE_WAKE))
+                    self._flush_cond.wait(wait)
                     if self._worker is None or not self._worker.is_alive():
                         return self._low_water >= barrier
                 return True
             finally:
                 self._flush_waiters -= 1
+
+    def _flush_gave_up(self, waited: float, unbounded: bool) -> None:
+        waiting = len(self._queue) + len(self._ready) + self._in_flight_events
+        if self._state is UNDETERMINED:
+            why = ("no datafile has arrived yet (a wrong SDK key or an unreachable CDN?); events sent "
+                   "before it are held until one does")
+        elif self._failing_since is not None:
+            why = "ODP delivery is failing; the events are held and retried within retry_window"
+        else:
+            why = "events are still queued or in flight"
+        line = f"flush_odp_events gave up after {waited:.1f} s with about {waiting} event(s) pending: {why}."
+        if unbounded:
+            self.logger.warning(line)
+        else:
+            self.logger.info(line)
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Delivers what is queued (until ``timeout``, default ``close_timeout``) and stops.
@@ -366,9 +419,28 @@ class EventManager:
     def end_close(self, deadline: float) -> None:
         """Waits for the worker (until ``deadline`` plus a margin), then releases threads and sockets."""
         worker = self._worker
-        if worker is not None and worker.is_alive():
+        if worker is not None and worker.is_alive() and worker is not threading.current_thread():
             worker.join(max(deadline - time.monotonic(), 0.0) + 1.0)
         self._finish()
+
+    def close_in_background(self) -> None:
+        """Closes without waiting: for a client that was garbage-collected without ``close()``.
+
+        Never blocks (the garbage collector may run this on any thread, the worker's included): the
+        worker delivers what is queued until ``close_timeout``, then releases the senders and the
+        connections itself. Until then the exit hook still waits for it (``_lifecycle``).
+        """
+        deadline = time.monotonic() + self.options.close_timeout
+        # Flagged before the worker is told to close, so the worker that ends the close sees it.
+        self._in_background = True
+        _lifecycle.closing_in_background(self, True)
+        if not self.begin_close(deadline):
+            if self._finished:
+                _lifecycle.closing_in_background(self, False)
+            return
+        worker = self._worker
+        if worker is None or not worker.is_alive():
+            self._finish()
 
     def _refuse_late(self) -> bool:
         """An event appended while close() finished: whoever pops it counts it, exactly once."""
@@ -391,7 +463,11 @@ class EventManager:
         return drained
 
     def _finish(self) -> None:
-        self._finished = True
+        with self._lifecycle:
+            if self._finished:
+                return  # once: end_close() and a worker closing in the background may both get here
+            self._finished = True
+        _lifecycle.closing_in_background(self, False)
         if self._spool is None:
             self._drain_after_finish()
         pending = self._pending_count()
@@ -442,7 +518,7 @@ class EventManager:
         """In a forked child: a fresh queue, worker and connections; the parent's events stay the parent's."""
         if self._pid == os.getpid():
             return
-        self._lifecycle = threading.Lock()  # another thread may have held it at fork time
+        self._lifecycle = threading.RLock()  # another thread may have held it at fork time
         self._reset_runtime()
         if self._spool is not None:
             self._spool.after_fork()
@@ -520,6 +596,8 @@ class EventManager:
                 self.logger.error("ODP event worker hit an unexpected error and carries on.")
                 timeout = 0.05
             if timeout is None:
+                if self._in_background:
+                    self._finish()
                 break
             if timeout > 0:
                 # Callers wake an idle worker on every append (see enqueue); the flag is raised
@@ -599,23 +677,75 @@ class EventManager:
                 self._finish_batch(batch)
                 self._delivered += len(batch.events)
                 self._ack(batch.events)
+                self._refusing_alike = None
+                if batch.family is not None:
+                    batch.family.delivered = True
                 if self._failing_since is not None:
                     self._recovered(now)
             elif verdict is Verdict.RETRY:
                 self._schedule_retry(batch, reply, now)
             elif verdict is Verdict.SPLIT:
                 self._finish_batch(batch)
+                if reply.status == 400 and self._refused_alike(batch, reply):
+                    continue
+                family = batch.family or _Family(len(batch.events))
                 middle = len(batch.events) // 2
-                first = _Batch(batch.events[:middle], batch.target, batch.first_attempt)
-                second = _Batch(batch.events[middle:], batch.target, batch.first_attempt)
+                first = _Batch(batch.events[:middle], batch.target, batch.first_attempt, family, batch.depth + 1)
+                second = _Batch(batch.events[middle:], batch.target, batch.first_attempt, family, batch.depth + 1)
                 for half in (first, second):
                     self._live[id(half)] = half
                 self._priority.appendleft(second)
                 self._priority.appendleft(first)
             else:
                 self._finish_batch(batch)
+                if reply.status in (401, 403) and self._rekey(batch, reply):
+                    continue
                 reason = "too_large" if reply.status == 413 else "rejected"
                 self._drop(batch.events, reason, _rejection(reply, batch))
+
+    def _refused_alike(self, batch: _Batch, reply: Reply) -> bool:
+        """A 400 for a part of a split batch: True when ODP refuses all parts alike (then dropped here).
+
+        Bisecting finds the few bad events of a batch in O(bad x log n) requests. When ODP refuses
+        everything (a revoked key answering 400, a schema change), bisecting would cost two requests
+        and one error line per event; once every part at :data:`_SYSTEMIC_DEPTH` was refused and no
+        part delivered, the rest of the batch is dropped as ``rejected_systemic`` with one line, and
+        later batches need only one level of splitting until a batch is delivered again.
+        """
+        family = batch.family
+        if family is None:
+            if self._refusing_alike != reply.status:
+                return False
+            family = batch.family = _Family(len(batch.events))
+        if family.systemic:
+            self._drop(batch.events, "rejected_systemic", None)
+            return True
+        failures = family.failures[batch.depth] = family.failures.get(batch.depth, 0) + 1
+        depth = 1 if self._refusing_alike == reply.status else _SYSTEMIC_DEPTH
+        if family.delivered or batch.depth != depth or failures < min(2 ** depth, family.size):
+            return False
+        family.systemic = True
+        self._refusing_alike = reply.status
+        detail = f": {reply.detail.strip()[:200]}" if reply.detail.strip() else ""
+        self._drop(batch.events, "rejected_systemic", _compat.ODP_EVENT_FAILED.format(
+            f"ODP refused every part of a batch of {family.size} event(s) alike with HTTP {reply.status}"
+            f"{detail}; not splitting it further (a revoked key or a changed event schema?): its events are "
+            f"dropped as rejected_systemic"))
+        return True
+
+    def _rekey(self, batch: _Batch, reply: Reply) -> bool:
+        """A 401/403 for events queued under a key the datafile has since replaced: once, the current key."""
+        target = self._target
+        if batch.rekeyed or target is None or target.key == batch.target.key:
+            return False
+        moved = _Batch(batch.events, target, batch.first_attempt)
+        moved.rekeyed = True
+        self._live[id(moved)] = moved
+        self._priority.append(moved)
+        self.logger.info(f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
+                         f"sending {len(batch.events)} event(s) queued under it with the current key "
+                         f"{mask_key(target.key)}.")
+        return True
 
     def _finish_batch(self, batch: _Batch) -> None:
         self._live.pop(id(batch), None)
@@ -768,9 +898,12 @@ class EventManager:
                 continue
             try:
                 encoded = encode(pending, self._defaults)
-            except (TypeError, ValueError) as exc:
+            except Exception as exc:
+                # Whatever a pathological value raises (TypeError, RecursionError, MemoryError from a
+                # str subclass's __str__, ...), this event reaches an outcome and the others go on.
                 self._dropped["invalid"] += 1
-                self.logger.error(_compat.ODP_EVENT_FAILED.format(f"event cannot be encoded: {exc}"))
+                self.logger.error(_compat.ODP_EVENT_FAILED.format(
+                    f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped"))
                 continue
             encoded.seq = self._popped + self._overflow_popped - 1
             if batch_size_bytes(1, len(encoded)) > max_bytes:

@@ -42,6 +42,8 @@ class Options:
         retry_after_max: The longest ``Retry-After`` honoured, in seconds.
         close_timeout: Seconds ``close()`` (and the exit hook) may spend delivering what is queued.
         flush_at_exit: Deliver what is queued when the interpreter exits without ``close()``.
+        flush_on_sigterm: Install a SIGTERM handler (main thread, once per process) that delivers
+            what is queued (within ``close_timeout``), then hands over to the previous handler.
         api_host: Overrides the ODP host from the datafile.
         api_key: Overrides the ODP public key from the datafile.
         odp_disabled: Overrides the client's ``sdk_settings.odp_disabled``.
@@ -68,6 +70,7 @@ class Options:
     retry_after_max: float = 60.0
     close_timeout: float = 15.0
     flush_at_exit: bool = True
+    flush_on_sigterm: bool = False
     api_host: Optional[str] = None
     api_key: Optional[str] = None
     odp_disabled: Optional[bool] = None
