@@ -44,9 +44,10 @@ class Closable(Protocol):
 
 
 _MANAGERS: weakref.WeakSet[Any] = weakref.WeakSet()
-# Managers of garbage-collected clients, still delivering in the background: held strongly until
-# they finish, so the exit hook can wait for them too.
-_BACKGROUND: Set[Any] = set()
+# Managers closing (close() under way on some thread, or a garbage-collected client's manager
+# delivering in the background): held strongly until they finish, so that every exit path waits for
+# them too -- a SIGTERM arriving while a multiprocessing finalizer delivers must not cut it short.
+_CLOSING: Set[Any] = set()
 # Re-entrant: the SIGTERM handler runs on the main thread, possibly inside register().
 _REGISTRY_LOCK = threading.RLock()
 
@@ -58,13 +59,13 @@ def register(manager: Closable) -> None:
     _arm_process_finalizers()
 
 
-def closing_in_background(manager: Closable, closing: bool) -> None:
-    """Tracks a manager closing without a caller waiting (its client was garbage-collected)."""
+def closing(manager: Closable, under_way: bool) -> None:
+    """Tracks a manager from the start of its close until it has finished."""
     with _REGISTRY_LOCK:
-        if closing:
-            _BACKGROUND.add(manager)
+        if under_way:
+            _CLOSING.add(manager)
         else:
-            _BACKGROUND.discard(manager)
+            _CLOSING.discard(manager)
 
 
 def unregister(manager: Closable) -> None:
@@ -82,7 +83,8 @@ def live_managers() -> List[Any]:
 def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bool = True) -> int:
     """Closes every live manager of this process concurrently, under one deadline.
 
-    Managers of garbage-collected clients still delivering in the background are waited for too.
+    Managers already closing (on another thread, in the background, or in the code this signal
+    handler interrupted) are waited for too, under the same deadline.
 
     Args:
         timeout: The shared budget in seconds; None takes the largest ``close_timeout``.
@@ -92,11 +94,22 @@ def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bo
     Returns:
         How many managers were closed.
     """
+    global _closing_thread  # noqa: PLW0603 - which thread runs an exit close (for the SIGTERM handler)
     managers = [m for m in live_managers()
                 if not m.closed and (not at_exit or getattr(m.options, "flush_at_exit", True))]
     with _REGISTRY_LOCK:
-        background = list(_BACKGROUND)
-    return close_managers(managers, timeout, why=why, waiting=background)
+        under_way = list(_CLOSING)
+    outer = _closing_thread is None
+    if outer:
+        _closing_thread = threading.get_ident()
+    try:
+        return close_managers(managers, timeout, why=why, waiting=under_way)
+    finally:
+        if outer:
+            _closing_thread = None
+            deferred = _deferred_sigterm.pop() if _deferred_sigterm else None
+            if deferred is not None:
+                _hand_over(*deferred)
 
 
 def close_managers(managers: List[Any], timeout: Optional[float] = None, *, why: str = "close",
@@ -216,8 +229,8 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _REGISTRY_LOCK  # noqa: PLW0603 - a fresh lock in the child, see _before_fork
     _REGISTRY_LOCK = threading.RLock()
-    # Managers closing in the background belong to the parent: their threads are not here.
-    _BACKGROUND.clear()
+    # Managers closing in the parent: their threads are not here (their children start afresh).
+    _CLOSING.clear()
     _arm_process_finalizers()
     for manager in list(_MANAGERS):
         try:
@@ -237,6 +250,8 @@ if hasattr(os, "register_at_fork"):
 _Handler = Union[Callable[[int, Any], Any], int, None]
 _sigterm_previous: Optional[_Handler] = None
 _sigterm_installed = False
+_closing_thread: Optional[int] = None  # the thread running close_all(), if any
+_deferred_sigterm: List[Any] = []  # a SIGTERM that arrived during close_all() on the same thread
 
 
 def enable_sigterm_flush(logger: Any = None) -> bool:
@@ -286,10 +301,21 @@ def disable_sigterm_flush() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    if _closing_thread == threading.get_ident():
+        # The signal interrupted an exit close on this very thread (a multiprocessing finalizer,
+        # the atexit hook): blocking here, inside the frame it interrupted, could wait on a lock
+        # that frame holds. That close delivers; it hands over to the previous handler when done.
+        _deferred_sigterm[:] = [(signum, frame)]
+        return
     try:
         close_all(why="SIGTERM")
     except Exception:
         _log.exception("delivering ODP events at SIGTERM failed")
+    _hand_over(signum, frame)
+
+
+def _hand_over(signum: int, frame: Any) -> None:
+    """After delivering: what SIGTERM would have done without us."""
     previous = _sigterm_previous
     if callable(previous):
         previous(signum, frame)

@@ -8,9 +8,12 @@ SDK a fresh manager of its own again. optimizely-sdk 4.x has no ODP code, so not
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
-from typing import Any, Callable, Dict, Optional
+import weakref
+from typing import Any, Callable, Dict, List, Optional
 
 from .event import validate
 
@@ -130,3 +133,82 @@ def detach(client: Any, bridge: SdkEventManagerBridge) -> None:
             original.start(config)
     except Exception:
         _log.debug("restarting the SDK's ODP event manager failed", exc_info=True)
+
+
+# ----------------------------------------------------------------- the SDK's registry hold (5.x)
+
+_CONFIG_UPDATE = "OPTIMIZELY_CONFIG_UPDATE"
+_HELD_METHOD = "_update_odp_config_on_datafile_update"
+# client -> the weak listener standing in for the SDK's strong one
+_loosened: weakref.WeakKeyDictionary[Any, _WeakListener] = weakref.WeakKeyDictionary()
+
+
+class _WeakListener:
+    """Forwards datafile updates to one client's method while that client lives.
+
+    optimizely-sdk 5.x registers every client made with an SDK key in a process-wide registry
+    (``_NotificationCenterRegistry``) through a bound method, and only ``close()`` removes it: a
+    client dropped without ``close()`` is never garbage-collected, so nothing it holds (its ODP
+    threads and connections, and ours) is ever released. While the plugin is installed the
+    registry holds this stand-in instead: the same calls while the client lives, and it leaves
+    the registry when the client is collected.
+    """
+
+    __slots__ = ("__weakref__", "_method")
+
+    def __init__(self, method: Any) -> None:
+        self._method = weakref.WeakMethod(method)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        method = self._method()
+        if method is not None:
+            method(*args, **kwargs)
+
+
+def _registry_listeners(client: Any) -> Optional[List[Any]]:
+    registry_module = sys.modules.get("optimizely.notification_center_registry")
+    registry = getattr(registry_module, "_NotificationCenterRegistry", None)
+    get_sdk_key = getattr(getattr(client, "config_manager", None), "get_sdk_key", None)
+    if registry is None or not callable(get_sdk_key):
+        return None
+    try:
+        center = getattr(registry, "_notification_centers", {}).get(get_sdk_key())
+    except Exception:
+        return None
+    listeners = getattr(center, "notification_listeners", {}).get(_CONFIG_UPDATE)
+    return listeners if isinstance(listeners, list) else None
+
+
+def loosen_registry_hold(client: Any) -> None:
+    """Replaces the SDK registry's strong hold on ``client`` by a :class:`_WeakListener` (5.x)."""
+    listeners = _registry_listeners(client)
+    if listeners is None or client in _loosened:
+        return
+    for index, entry in enumerate(listeners):
+        if (isinstance(entry, tuple) and len(entry) == 2 and getattr(entry[1], "__self__", None) is client
+                and getattr(entry[1], "__name__", None) == _HELD_METHOD):
+            weak = _WeakListener(entry[1])
+            listeners[index] = (entry[0], weak)
+            _loosened[client] = weak
+            # When the client is collected, its stand-in leaves the registry too.
+            weakref.finalize(client, _forget, listeners, weak).atexit = False
+            return
+
+
+def restore_registry_hold(client: Any) -> None:
+    """Puts the SDK's own listener back (uninstall restores exactly what install changed)."""
+    weak = _loosened.pop(client, None)
+    listeners = _registry_listeners(client)
+    if weak is None or listeners is None:
+        return
+    for index, entry in enumerate(listeners):
+        if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is weak:
+            listeners[index] = (entry[0], getattr(client, _HELD_METHOD))
+            return
+
+
+def _forget(listeners: List[Any], weak: _WeakListener) -> None:
+    for entry in list(listeners):
+        if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is weak:
+            with contextlib.suppress(ValueError):
+                listeners.remove(entry)

@@ -220,6 +220,7 @@ def _state_for(client: Any, options: Optional[Options] = None, explicit: frozens
             if resolved.api_host is None:
                 _follow_datafile(client, state)
             state.bridge = _sdk_bridge.attach(client, manager.enqueue, logger)
+        _sdk_bridge.loosen_registry_hold(client)
         return state
 
 
@@ -261,6 +262,7 @@ def _drop_state(client: Any, state: _ClientState) -> None:
 def _detach_state(client: Any, state: _ClientState) -> None:
     """Everything of :func:`_drop_state` but closing the manager (closed by the caller)."""
     state.finalizer.detach()
+    _sdk_bridge.restore_registry_hold(client)
     if state.bridge is not None:
         _sdk_bridge.detach(client, state.bridge)
         state.bridge = None

@@ -59,25 +59,34 @@ class Target(NamedTuple):
     url: str
 
 
-# A family is declared systemic when every part at this depth of splitting (4 quarters) was refused
-# alike and no part was delivered; while ODP keeps refusing alike, one level (2 halves) suffices.
-_SYSTEMIC_DEPTH = 2
+# Bisecting a batch refused with a 400 finds its few bad events in O(bad x log n) requests. When ODP
+# refuses everything alike (a revoked key answering 400, a changed schema), it would cost two requests
+# and one error line per event. So: once every part at _SUSPECT_DEPTH (the 4 quarters) was refused and
+# no part delivered, _SAMPLES single events spread over the batch are sent alone, the rest held; if
+# every sample is refused too, the batch is refused as a whole ("rejected_systemic"), else bisecting
+# goes on. While ODP keeps refusing alike, later batches go straight to the samples.
+_SUSPECT_DEPTH = 2
+_SAMPLES = 3
 
 
 class _Family:
-    """The parts of one batch that was split after a 400: what they showed so far."""
+    """The parts of one batch refused with a 400 (split, sampled, held): what they showed so far."""
 
-    __slots__ = ("delivered", "failures", "size", "systemic")
+    __slots__ = ("delivered", "failures", "held", "samples_refused", "sampling", "size", "systemic")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.failures: Dict[int, int] = {}  # depth -> parts refused with a 400 at that depth
         self.delivered = False
+        self.sampling = False
+        self.samples_refused = 0
         self.systemic = False
+        self.held: List[_Batch] = []  # parts waiting for the samples' verdict
 
 
 class _Batch:
-    __slots__ = ("attempts", "depth", "events", "family", "first_attempt", "min_seq", "probe", "rekeyed", "target")
+    __slots__ = ("attempts", "depth", "events", "family", "first_attempt", "min_seq", "probe", "refused",
+                 "rekeyed", "sample", "target")
 
     def __init__(self, events: List[Encoded], target: Target, first_attempt: Optional[float] = None,
                  family: Optional[_Family] = None, depth: int = 0) -> None:
@@ -90,6 +99,8 @@ class _Batch:
         self.family = family
         self.depth = depth
         self.rekeyed = False
+        self.sample = False  # a single event sent alone to tell a systemic refusal from a few bad events
+        self.refused = False  # ODP answered 400 for exactly this part
 
 
 _Item = Tuple[Pending, Optional[Target]]
@@ -406,6 +417,7 @@ class EventManager:
             if self._closed:
                 return False
             self._closed = True
+        _lifecycle.closing(self, True)
         _lifecycle.unregister(self)
         if self._pid != os.getpid():
             self._after_fork()
@@ -433,10 +445,7 @@ class EventManager:
         deadline = time.monotonic() + self.options.close_timeout
         # Flagged before the worker is told to close, so the worker that ends the close sees it.
         self._in_background = True
-        _lifecycle.closing_in_background(self, True)
         if not self.begin_close(deadline):
-            if self._finished:
-                _lifecycle.closing_in_background(self, False)
             return
         worker = self._worker
         if worker is None or not worker.is_alive():
@@ -467,7 +476,7 @@ class EventManager:
             if self._finished:
                 return  # once: end_close() and a worker closing in the background may both get here
             self._finished = True
-        _lifecycle.closing_in_background(self, False)
+        _lifecycle.closing(self, False)
         if self._spool is None:
             self._drain_after_finish()
         pending = self._pending_count()
@@ -678,24 +687,19 @@ class EventManager:
                 self._delivered += len(batch.events)
                 self._ack(batch.events)
                 self._refusing_alike = None
-                if batch.family is not None:
+                if batch.family is not None and not batch.family.delivered:
                     batch.family.delivered = True
+                    self._release_held(batch.family)
                 if self._failing_since is not None:
                     self._recovered(now)
             elif verdict is Verdict.RETRY:
                 self._schedule_retry(batch, reply, now)
+            elif reply.status == 400:
+                self._finish_batch(batch)
+                self._on_refused(batch, reply)
             elif verdict is Verdict.SPLIT:
                 self._finish_batch(batch)
-                if reply.status == 400 and self._refused_alike(batch, reply):
-                    continue
-                family = batch.family or _Family(len(batch.events))
-                middle = len(batch.events) // 2
-                first = _Batch(batch.events[:middle], batch.target, batch.first_attempt, family, batch.depth + 1)
-                second = _Batch(batch.events[middle:], batch.target, batch.first_attempt, family, batch.depth + 1)
-                for half in (first, second):
-                    self._live[id(half)] = half
-                self._priority.appendleft(second)
-                self._priority.appendleft(first)
+                self._split(batch, batch.family)
             else:
                 self._finish_batch(batch)
                 if reply.status in (401, 403) and self._rekey(batch, reply):
@@ -703,35 +707,93 @@ class EventManager:
                 reason = "too_large" if reply.status == 413 else "rejected"
                 self._drop(batch.events, reason, _rejection(reply, batch))
 
-    def _refused_alike(self, batch: _Batch, reply: Reply) -> bool:
-        """A 400 for a part of a split batch: True when ODP refuses all parts alike (then dropped here).
+    def _split(self, batch: _Batch, family: Optional[_Family]) -> None:
+        """Sends both halves of ``batch`` next, first half first."""
+        middle = len(batch.events) // 2
+        first = _Batch(batch.events[:middle], batch.target, batch.first_attempt, family, batch.depth + 1)
+        second = _Batch(batch.events[middle:], batch.target, batch.first_attempt, family, batch.depth + 1)
+        for half in (first, second):
+            self._live[id(half)] = half
+        self._priority.appendleft(second)
+        self._priority.appendleft(first)
 
-        Bisecting finds the few bad events of a batch in O(bad x log n) requests. When ODP refuses
-        everything (a revoked key answering 400, a schema change), bisecting would cost two requests
-        and one error line per event; once every part at :data:`_SYSTEMIC_DEPTH` was refused and no
-        part delivered, the rest of the batch is dropped as ``rejected_systemic`` with one line, and
-        later batches need only one level of splitting until a batch is delivered again.
-        """
+    def _on_refused(self, batch: _Batch, reply: Reply) -> None:
+        """A 400: bisect to isolate the bad events, unless ODP refuses everything alike (see _SAMPLES)."""
+        batch.refused = True
         family = batch.family
         if family is None:
-            if self._refusing_alike != reply.status:
-                return False
             family = batch.family = _Family(len(batch.events))
+            if self._refusing_alike == reply.status and len(batch.events) > _SAMPLES:
+                self._sample(family, batch)
+                return
         if family.systemic:
             self._drop(batch.events, "rejected_systemic", None)
-            return True
-        failures = family.failures[batch.depth] = family.failures.get(batch.depth, 0) + 1
-        depth = 1 if self._refusing_alike == reply.status else _SYSTEMIC_DEPTH
-        if family.delivered or batch.depth != depth or failures < min(2 ** depth, family.size):
-            return False
+            return
+        if family.sampling and not family.delivered:
+            self._hold(family, batch)
+            if batch.sample:
+                family.samples_refused += 1
+                if family.samples_refused >= _SAMPLES:
+                    self._refused_systemically(family, reply)
+            return
+        if not family.delivered and batch.depth == _SUSPECT_DEPTH and family.size > _SAMPLES * 2 ** _SUSPECT_DEPTH:
+            # Nothing of the batch delivered yet: hold each refused quarter until all four are known;
+            # when all four are refused, sample the last one.
+            failures = family.failures[batch.depth] = family.failures.get(batch.depth, 0) + 1
+            if failures < 2 ** _SUSPECT_DEPTH:
+                self._hold(family, batch)
+            else:
+                self._sample(family, batch)
+            return
+        if len(batch.events) > 1:
+            self._split(batch, family)
+        else:
+            self._drop(batch.events, "rejected", _rejection(reply, batch))
+
+    def _sample(self, family: _Family, batch: _Batch) -> None:
+        """Sends _SAMPLES single events of ``batch`` alone (spread over it); holds the rest."""
+        family.sampling = True
+        events = batch.events
+        picks = sorted({round(i * (len(events) - 1) / (_SAMPLES - 1)) for i in range(_SAMPLES)})
+        for index in reversed(picks):
+            sample = _Batch([events[index]], batch.target, batch.first_attempt, family, batch.depth + 1)
+            sample.sample = True
+            self._live[id(sample)] = sample
+            self._priority.appendleft(sample)
+        rest = [e for i, e in enumerate(events) if i not in picks]
+        if rest:
+            self._hold(family, _Batch(rest, batch.target, batch.first_attempt, family, batch.depth + 1))
+
+    def _hold(self, family: _Family, batch: _Batch) -> None:
+        self._live[id(batch)] = batch  # still pending: flush() and close() wait for it
+        family.held.append(batch)
+
+    def _release_held(self, family: _Family) -> None:
+        """Part of the family was delivered: not systemic. Held parts go on: bisected or sent."""
+        held, family.held = family.held, []
+        for batch in held:
+            self._finish_batch(batch)
+            if not batch.refused:
+                self._live[id(batch)] = batch
+                self._priority.append(batch)
+            elif len(batch.events) > 1:
+                self._split(batch, family)
+            else:
+                self._drop(batch.events, "rejected", _compat.ODP_EVENT_FAILED.format(
+                    f"ODP rejected 1 event(s) with HTTP 400; dropped idempotence_id {batch.events[0].idempotence_id}"))
+
+    def _refused_systemically(self, family: _Family, reply: Reply) -> None:
         family.systemic = True
         self._refusing_alike = reply.status
+        held, family.held = family.held, []
+        events = [e for batch in held for e in batch.events]
+        for batch in held:
+            self._finish_batch(batch)
         detail = f": {reply.detail.strip()[:200]}" if reply.detail.strip() else ""
-        self._drop(batch.events, "rejected_systemic", _compat.ODP_EVENT_FAILED.format(
-            f"ODP refused every part of a batch of {family.size} event(s) alike with HTTP {reply.status}"
-            f"{detail}; not splitting it further (a revoked key or a changed event schema?): its events are "
-            f"dropped as rejected_systemic"))
-        return True
+        self._drop(events, "rejected_systemic", _compat.ODP_EVENT_FAILED.format(
+            f"ODP refused a batch of {family.size} event(s) and every part and sample of it alike with HTTP "
+            f"{reply.status}{detail}; not splitting it further (a revoked key or a changed event schema?): "
+            f"{len(events)} event(s) dropped as rejected_systemic"))
 
     def _rekey(self, batch: _Batch, reply: Reply) -> bool:
         """A 401/403 for events queued under a key the datafile has since replaced: once, the current key."""
