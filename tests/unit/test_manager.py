@@ -151,7 +151,7 @@ def check_invariant(manager: EventManager) -> Dict[str, Any]:
 def no_drops(**dropped: int) -> Dict[str, int]:
     counts = dict.fromkeys(("rejected", "too_large", "queue_full", "retry_expired", "shutdown", "unconfirmed",
                             "not_integrated",
-                            "invalid"), 0)
+                            "unencodable"), 0)
     counts.update(dropped)
     return counts
 
