@@ -127,8 +127,11 @@ class Options:
             if not isinstance(self.spool_dir, (str, os.PathLike)) or not isinstance(os.fspath(self.spool_dir), str):
                 raise _invalid("spool_dir", self.spool_dir, "a directory path (str or os.PathLike) or None")
             object.__setattr__(self, "spool_dir", os.fspath(self.spool_dir))  # frozen: set once, here
-        if self.logger is not None and not all(callable(getattr(self.logger, m, None)) for m in LOGGER_METHODS):
-            raise _invalid("logger", self.logger, "a logger with " + ", ".join(LOGGER_METHODS) + " methods, or None")
+        if self.logger is not None and not _is_logger(self.logger):
+            adapted = _adapt_sdk_logger(self.logger)
+            if adapted is None:
+                raise _invalid("logger", self.logger, "a logger with " + ", ".join(LOGGER_METHODS) + " methods, or None")
+            object.__setattr__(self, "logger", adapted)  # frozen: set once, here
         if self.on_outcome is not None and not callable(self.on_outcome):
             raise _invalid("on_outcome", self.on_outcome, "a callable fn(outcome, events, detail), or None")
 
@@ -162,6 +165,21 @@ def _invalid(name: str, value: Any, expected: str) -> ConfigurationError:
 def _finite(value: Any) -> bool:
     """A real number (not a bool) that is neither infinite nor NaN."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_logger(logger: Any) -> bool:
+    return all(callable(getattr(logger, method, None)) for method in LOGGER_METHODS)
+
+
+def _adapt_sdk_logger(logger: Any) -> Any:
+    """The SDK's own logger objects (optimizely-sdk 4.x ``NoOpLogger``/``SimpleLogger`` have only
+    ``log()``) as the ``logging.Logger`` the SDK itself would use; None when not one of them."""
+    try:
+        from optimizely.logger import adapt_logger
+    except ImportError:
+        return None
+    adapted = adapt_logger(logger)
+    return adapted if adapted is not logger and _is_logger(adapted) else None
 
 
 def _hostname(parts: Any) -> bool:

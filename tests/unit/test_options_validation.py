@@ -82,7 +82,10 @@ def test_logger_needs_the_logging_methods(value: Any, untouched: None) -> None:
 @pytest.mark.parametrize("value", [logging.getLogger("tests.any"), sdk_logger.NoOpLogger(),
                                    sdk_logger.SimpleLogger(), None])
 def test_logger_accepts_loggers(value: Any) -> None:
-    assert make_options(logger=value).logger is value
+    logger = make_options(logger=value).logger
+    # optimizely-sdk 4.x's own logger objects have only log(): they become the SDK's logging.Logger.
+    assert logger is value or logger is sdk_logger.adapt_logger(value)
+    assert logger is None or all(callable(getattr(logger, m)) for m in ("debug", "info", "warning", "error"))
 
 
 @pytest.mark.parametrize("host", [123, b"https://h", "not-a-url", "ftp://odp.example", "https://", "https://h:port",
