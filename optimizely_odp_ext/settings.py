@@ -130,7 +130,8 @@ class Options:
         if self.logger is not None and not _is_logger(self.logger):
             adapted = _adapt_sdk_logger(self.logger)
             if adapted is None:
-                raise _invalid("logger", self.logger, "a logger with " + ", ".join(LOGGER_METHODS) + " methods, or None")
+                expected = f"a logger with {', '.join(LOGGER_METHODS)} methods, or None"
+                raise _invalid("logger", self.logger, expected)
             object.__setattr__(self, "logger", adapted)  # frozen: set once, here
         if self.on_outcome is not None and not callable(self.on_outcome):
             raise _invalid("on_outcome", self.on_outcome, "a callable fn(outcome, events, detail), or None")

@@ -150,7 +150,8 @@ def test_copy_with_a_class_install_gets_a_manager_of_its_own(
     try:
         assert "_odp_ext_state" not in twin.__dict__
         send(twin, ids("twin", 3))
-        assert manager_of(twin) is not None and manager_of(twin) is not manager_of(client)
+        assert manager_of(twin) is not None
+        assert manager_of(twin) is not manager_of(client)
         assert client.flush_odp_events(FLUSH_TIMEOUT) is True
         assert twin.flush_odp_events(FLUSH_TIMEOUT) is True
         assert (client.odp_event_stats()["accepted"], twin.odp_event_stats()["accepted"]) == (2, 3)

@@ -59,7 +59,7 @@ def test_install_patches_the_class_and_tags_every_attribute(pristine: Dict[str, 
         attribute = Optimizely.__dict__[name]
         assert getattr(attribute, TAG) is True, name
         original = pristine.get(name)
-        assert getattr(attribute, "_odp_ext_replaced") is original, name
+        assert attribute._odp_ext_replaced is original, name
         assert not hasattr(attribute, "__wrapped__"), name
     changed = {name for name, value in _class_snapshot().items() if pristine.get(name) is not value}
     expected = set(PATCHED) | ({"_identify_user"} if "_identify_user" in pristine else set())

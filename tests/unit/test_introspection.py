@@ -88,9 +88,9 @@ def test_what_was_replaced_is_kept_under_a_private_attribute(make_client: Callab
     assert optimizely_odp_ext.install() is True
     try:
         method = make_client("https://odp.example").send_odp_event
-        assert getattr(method, "_odp_ext_applied") is True
+        assert method._odp_ext_applied is True
         assert not hasattr(method, "__wrapped__")
-        assert getattr(method, "_odp_ext_replaced") is sdk_own
+        assert method._odp_ext_replaced is sdk_own
     finally:
         optimizely_odp_ext.uninstall()
     assert Optimizely.__dict__.get("send_odp_event") is sdk_own
@@ -98,6 +98,6 @@ def test_what_was_replaced_is_kept_under_a_private_attribute(make_client: Callab
     client = make_client("https://odp.example")
     assert optimizely_odp_ext.install(client) is True
     method = client.send_odp_event
-    assert getattr(method, "_odp_ext_applied") is True
+    assert method._odp_ext_applied is True
     assert not hasattr(method, "__wrapped__")
-    assert getattr(method, "_odp_ext_replaced") is None  # nothing was on the instance before
+    assert method._odp_ext_replaced is None  # nothing was on the instance before

@@ -44,12 +44,14 @@ def _error(**options: Any) -> str:
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_float_options_must_be_finite(name: str, value: float) -> None:
     message = _error(**{name: value})
-    assert message.startswith(f"{name} must be ") and "finite" in message
+    assert message.startswith(f"{name} must be ")
+    assert "finite" in message
     assert message.endswith(f", got {value!r}.")
 
 
 def test_install_refuses_an_infinite_close_timeout_before_changing_anything(untouched: None) -> None:
-    with pytest.raises(ConfigurationError, match=r"^close_timeout must be a finite number >= 0 \(seconds\), got inf\.$"):
+    expected = r"^close_timeout must be a finite number >= 0 \(seconds\), got inf\.$"
+    with pytest.raises(ConfigurationError, match=expected):
         optimizely_odp_ext.install(close_timeout=math.inf)
 
 
@@ -153,7 +155,8 @@ def test_new_options_defaults_and_checks() -> None:
         """A callback."""
 
     assert make_options(on_outcome=on_outcome).on_outcome is on_outcome
-    assert _error(on_outcome="print") == "on_outcome must be a callable fn(outcome, events, detail), or None, got 'print'."
+    assert _error(on_outcome="print") == (
+        "on_outcome must be a callable fn(outcome, events, detail), or None, got 'print'.")
 
 
 @pytest.mark.parametrize("value", [math.inf, math.nan])
@@ -203,3 +206,10 @@ def test_mypy_rejects_a_wrong_option_type(tmp_path: pathlib.Path) -> None:
     assert "batch_size" in errors[4]
     assert "flush_intervall" in errors[5]
     assert "gzip" in errors[6]
+
+
+def test_readme_documents_every_option() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("### Options"):readme.index("### Seeing what happens")]
+    missing = sorted(name for name in OPTION_NAMES if f"`{name}`" not in table)
+    assert missing == []

@@ -208,7 +208,8 @@ def test_logging_configured_after_install_is_honoured(mirror: RecordingHandler) 
 def test_visible_wraps_once_and_forwards_everything_else() -> None:
     logger = _isolated()
     wrapped = visible(logger)
-    assert isinstance(wrapped, VisibleLogger) and visible(wrapped) is wrapped
+    assert isinstance(wrapped, VisibleLogger)
+    assert visible(wrapped) is wrapped
     assert wrapped.name == logger.name
     assert wrapped.isEnabledFor(logging.ERROR) is logger.isEnabledFor(logging.ERROR)
 
@@ -217,7 +218,9 @@ def test_the_client_state_uses_a_visible_logger(make_client: MakeClient, log: An
     client = make_client("https://odp.example", logger=log[0])
     assert optimizely_odp_ext.install(client) is True
     manager = extension.manager_of(client)
-    assert manager is not None and isinstance(manager.logger, VisibleLogger) and manager.logger.inner is log[0]
+    assert manager is not None
+    assert isinstance(manager.logger, VisibleLogger)
+    assert manager.logger.inner is log[0]
 
 
 # ----------------------------------------------------------------- uWSGI without threads
