@@ -183,9 +183,11 @@ def _instance_close(self: Any) -> None:
 
 def _close_manager(client: Any) -> None:
     # Remembered on the client: a client closed before its first event (or installed on after
-    # close()) must not start a manager later.
-    client.__dict__[_CLOSED_ATTR] = True
-    state = client.__dict__.get(_STATE_ATTR)
+    # close()) must not start a manager later. Under the lock that _state_for() holds, so a first
+    # send racing with close() either made its manager before (closed here) or sees the mark.
+    with _lock:
+        client.__dict__[_CLOSED_ATTR] = True
+        state = client.__dict__.get(_STATE_ATTR)
     if state is not None:
         try:
             state.manager.close()
