@@ -57,9 +57,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=MAIN_PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the package (configured in pyproject.toml)."""
+    """mypy --strict over the package (configured in pyproject.toml), and users' view of its types."""
     _install(session, "5.7", "mypy==2.4.1", "types-requests", "pytest>=7.4,<10")
     session.run("mypy")
+    # Skipped in the test sessions (no mypy there): install()'s typed options as a user's mypy sees them.
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                "tests/unit/test_options_validation.py::test_mypy_rejects_a_wrong_option_type")
 
 
 @nox.session(python=MAIN_PYTHON)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .extension import install, uninstall
+from .manager import OdpEventStats
 from .settings import ConfigurationError, Options
 
-__all__ = ["ConfigurationError", "Options", "__version__", "install", "uninstall"]
+__all__ = ["ConfigurationError", "OdpEventStats", "Options", "__version__", "install", "uninstall"]

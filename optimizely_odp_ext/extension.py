@@ -1,27 +1,43 @@
 """The mixin and install/uninstall: attaching our methods to the Optimizely class or one client.
 
-What install replaces is remembered and tagged (``_odp_ext_applied``), and uninstall restores
-exactly that, at class level and at instance level. Both are idempotent and guarded by one lock.
+What install replaces is remembered (``_odp_ext_replaced``) and tagged (``_odp_ext_applied``), and
+uninstall restores exactly that, at class level and at instance level. Both are idempotent and
+guarded by one lock. Installing changes nothing else the SDK's client can do: a copy or a pickle
+of an installed client carries none of this plugin's state (``__getstate__``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import threading
 import types
 import weakref
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from typing_extensions import Unpack
 
 from . import _compat, _lifecycle, _sdk_bridge
 from .event import DEFAULT_TYPE, OdpData, validate
-from .manager import UNDETERMINED, EventManager
-from .settings import ConfigurationError, Options, client_logger, from_client, make_options, odp_integration
+from .manager import UNDETERMINED, EventManager, OdpEventStats, no_stats
+from .settings import (
+    ConfigurationError,
+    InstallOptions,
+    Options,
+    client_logger,
+    from_client,
+    make_options,
+    odp_integration,
+    visible,
+)
 
 _log = logging.getLogger(__name__)
 
 _STATE_ATTR = "_odp_ext_state"
 _TAG = "_odp_ext_applied"
+_REPLACED = "_odp_ext_replaced"  # on our functions: what they replaced (None: nothing)
+_CLOSED_ATTR = "_odp_ext_closed"  # set by close(): the client accepts no more events
 _MISSING = object()
 _CONFIG_UPDATE = "OPTIMIZELY_CONFIG_UPDATE"
 
@@ -31,6 +47,9 @@ _class_originals: Dict[str, Any] = {}
 _class_options: Optional[Options] = None
 _class_explicit: frozenset = frozenset()  # type: ignore[type-arg]
 _class_states: weakref.WeakSet[_ClientState] = weakref.WeakSet()
+# Clients whose stale send_odp_event (kept across uninstall) has said why it sends nothing.
+_stale_told: weakref.WeakSet[Any] = weakref.WeakSet()
+_uwsgi_told = threading.Event()  # set once the uWSGI-without-threads error was logged
 
 
 class _ClientState:
@@ -84,14 +103,15 @@ class OdpExtensionMixin:
         """
         try:
             state = self.__dict__.get(_STATE_ATTR)
-            if getattr(self, "is_valid", True) is False:
-                logger = _logger_of(self) if state is None else state.logger
-                logger.error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
-                return
             if state is None:
                 state = _state_for(self)
                 if state is None:
+                    _stale(self)
                     return
+            if getattr(self, "is_valid", True) is False:
+                state.logger.error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
+                state.manager.count_refused("invalid_client")
+                return
             event = validate(action, identifiers, type, data)
             if event.__class__ is str:
                 state.logger.error(event)
@@ -99,11 +119,13 @@ class OdpExtensionMixin:
                 return
             if state.disabled:
                 state.logger.error(_compat.ODP_NOT_ENABLED)
+                state.manager.count_refused("odp_disabled")
                 return
             manager = state.manager
             if manager.state is UNDETERMINED and state.static_config and _read_config(self) is None:
                 # A datafile given at construction that did not parse: none will ever come.
                 state.logger.error(_compat.INVALID_PROJECT_CONFIG.format("send_odp_event"))
+                manager.count_refused("invalid_client")
                 return
             manager.enqueue(event)  # type: ignore[arg-type]
         except Exception as exc:  # the application never sees our failures
@@ -123,13 +145,14 @@ class OdpExtensionMixin:
         state = self.__dict__.get(_STATE_ATTR)
         return True if state is None else state.manager.flush(timeout)
 
-    def odp_event_stats(self) -> Dict[str, Any]:
-        """Delivery counts of this client's ODP events (see ``EventManager.stats``)."""
+    def odp_event_stats(self) -> OdpEventStats:
+        """Delivery counts of this client's ODP events; every key is described in ``OdpEventStats``.
+
+        Returns:
+            The counts so far, in this process (all zero before the client's first event).
+        """
         state = self.__dict__.get(_STATE_ATTR)
-        if state is None:
-            return {}
-        stats: Dict[str, Any] = state.manager.stats()
-        return stats
+        return no_stats() if state is None else state.manager.stats()
 
     def close(self) -> None:
         """Delivers queued ODP events (bounded by ``close_timeout``), then the SDK's own close."""
@@ -163,7 +186,12 @@ def _instance_close(self: Any) -> None:
 
 
 def _close_manager(client: Any) -> None:
-    state = client.__dict__.get(_STATE_ATTR)
+    # Remembered on the client: a client closed before its first event (or installed on after
+    # close()) must not start a manager later. Under the lock that _state_for() holds, so a first
+    # send racing with close() either made its manager before (closed here) or sees the mark.
+    with _lock:
+        client.__dict__[_CLOSED_ATTR] = True
+        state = client.__dict__.get(_STATE_ATTR)
     if state is not None:
         try:
             state.manager.close()
@@ -171,13 +199,49 @@ def _close_manager(client: Any) -> None:
             _log.exception("closing the ODP event manager failed")
 
 
-_PATCHED = ("send_odp_event", "flush_odp_events", "odp_event_stats", "close")
+def _getstate(self: Any) -> Dict[str, Any]:
+    """What copy and pickle see of a client: its attributes as the SDK made them.
+
+    The plugin's state (its manager, threads, locks) and the methods bound to this very client
+    are left out, and what an instance-level install replaced is put back, so a copy is a plain
+    SDK client (with a class-level install, it gets a manager of its own on first use) and a client
+    that pickled before install still pickles. The SDK's ``Optimizely`` defines no ``__getstate__``
+    of its own, so the default (the instance ``__dict__``) is the starting point.
+    """
+    attributes = dict(self.__dict__)
+    attributes.pop("__getstate__", None)
+    state = attributes.pop(_STATE_ATTR, None)
+    if state is not None:
+        for name, original in state.instance_attrs.items():
+            if original is _MISSING:
+                attributes.pop(name, None)
+            else:
+                attributes[name] = original
+    return attributes
+
+
+_PATCHED = ("send_odp_event", "flush_odp_events", "odp_event_stats", "close", "__getstate__")
+# What is not a method of the mixin: __getstate__ (object's own would shadow it there), and an
+# instance's close (ours, then the class's).
+_CLASS_FUNCTIONS: Dict[str, Callable[..., Any]] = {"__getstate__": _getstate}
+_INSTANCE_FUNCTIONS: Dict[str, Callable[..., Any]] = {**_CLASS_FUNCTIONS, "close": _instance_close}
 # Patched at class level only, and only where the SDK has it (5.x).
 _CLASS_ONLY = ("_identify_user",)
 
 
 def _logger_of(client: Any) -> Any:
-    return getattr(client, "logger", None) or logging.getLogger("optimizely_odp_ext")
+    return visible(getattr(client, "logger", None) or logging.getLogger("optimizely_odp_ext"))
+
+
+def _stale(client: Any) -> None:
+    """A ``send_odp_event`` kept from before ``uninstall()`` was called: say why, once per client."""
+    with _lock:
+        if client in _stale_told:
+            return
+        _stale_told.add(client)
+    _logger_of(client).error(
+        "ODP event not sent: optimizely_odp_ext was uninstalled from this client; this send_odp_event "
+        "was kept from before uninstall() (further events through it are discarded without a line).")
 
 
 # ----------------------------------------------------------------- per-client state
@@ -210,13 +274,19 @@ def _state_for(client: Any, options: Optional[Options] = None, explicit: frozens
                 return None
             options, explicit = _class_options, _class_explicit
         resolved = from_client(client, options, explicit)
-        logger = client_logger(client, resolved)
+        closed = client.__dict__.get(_CLOSED_ATTR, False)
+        if closed:
+            # It will send nothing: it must neither read nor deliver a spool left by another process.
+            resolved = resolved.replace(spool_dir=None)
+        logger = visible(client_logger(client, resolved))
         manager = EventManager(resolved, logger, _compat.sdk_version())
         state = _ClientState(client, resolved, logger, manager)
         client.__dict__[_STATE_ATTR] = state
         if class_level:
             _class_states.add(state)
-        if not state.disabled:
+        if closed:
+            manager.close()  # no thread was started: this returns at once, and refuses every event
+        elif not state.disabled:
             if resolved.api_host is None:
                 _follow_datafile(client, state)
             state.bridge = _sdk_bridge.attach(client, manager.enqueue, logger)
@@ -224,15 +294,31 @@ def _state_for(client: Any, options: Optional[Options] = None, explicit: frozens
         return state
 
 
+class _ConfigListener:
+    """Hands each datafile update of one client to its manager.
+
+    An object rather than a closure, because it sits in the SDK's notification center, which a
+    pickle or a deep copy of the client carries: it pickles and copies as a listener that does
+    nothing (the copy has no manager of ours; its own comes with its own listener).
+    """
+
+    __slots__ = ("client", "manager")
+
+    def __init__(self, client: Any = None, manager: Optional[EventManager] = None) -> None:
+        self.client = None if client is None else weakref.ref(client)
+        self.manager = manager
+
+    def __call__(self, *_args: Any) -> None:
+        target = None if self.client is None else self.client()
+        if target is not None and self.manager is not None:
+            self.manager.update_config(*odp_integration(_read_config(target)))
+
+    def __reduce__(self) -> Any:
+        return _ConfigListener, ()
+
+
 def _follow_datafile(client: Any, state: _ClientState) -> None:
-    ref = weakref.ref(client)
-    manager = state.manager
-
-    def on_config_update(*_args: Any) -> None:
-        target = ref()
-        if target is not None:
-            manager.update_config(*odp_integration(_read_config(target)))
-
+    on_config_update = _ConfigListener(client, state.manager)
     center = _notification_center(client)
     if center is not None:
         try:
@@ -303,13 +389,16 @@ def _check_sdk() -> bool:
     return False
 
 
-def install(client: Any = None, **options: Any) -> bool:
+def install(client: Any = None, **options: Unpack[InstallOptions]) -> bool:
     """Gives Optimizely clients our ``send_odp_event`` (and ``flush_odp_events``, ``close``).
+
+    Every option is checked here, before anything changes.
 
     Args:
         client: One client to install on; None installs on the ``Optimizely`` class, so every
             client (made before or after) gets it.
-        **options: Keyword options (see :class:`~optimizely_odp_ext.settings.Options`).
+        **options: Keyword options, typed by :class:`~optimizely_odp_ext.settings.InstallOptions`
+            (each described in :class:`~optimizely_odp_ext.settings.Options`).
 
     Returns:
         True when installed now, False when it already was (or the SDK is unsupported).
@@ -317,12 +406,14 @@ def install(client: Any = None, **options: Any) -> bool:
     Raises:
         ConfigurationError: An unknown or impossible option, or ``client`` is not an Optimizely client.
     """
-    resolved = make_options(**options)
-    explicit = frozenset(options)
+    given: Mapping[str, Any] = options
+    resolved = make_options(**given)
+    explicit = frozenset(given)
     if not _check_sdk():
         return False
     if resolved.flush_on_sigterm:
         _lifecycle.enable_sigterm_flush(resolved.logger or _logger_of(client))
+    _check_uwsgi(None if client is None else _logger_of(client))
     cls = _optimizely_class()
     with _lock:
         if client is None:
@@ -330,6 +421,45 @@ def install(client: Any = None, **options: Any) -> bool:
         if not isinstance(client, cls):
             raise ConfigurationError(f"install() needs an Optimizely client, got {type(client).__name__}.")
         return _install_instance(client, resolved, explicit)
+
+
+def _check_uwsgi(logger: Any) -> None:
+    """Under uWSGI without threads our worker never runs: say so, once per process.
+
+    The ``uwsgi`` module is importable only inside uWSGI; ``uwsgi.opt`` holds its options (keys
+    and values as str or bytes, a bare flag as True). ``threads`` implies ``enable-threads``.
+    """
+    try:
+        uwsgi = importlib.import_module("uwsgi")
+    except ImportError:
+        return
+    opt = getattr(uwsgi, "opt", None)
+    if _uwsgi_told.is_set() or not isinstance(opt, dict):
+        return
+    values = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v for k, v in opt.items()}
+    if _uwsgi_on(values.get("enable-threads")) or _uwsgi_threads(values.get("threads")):
+        return
+    _uwsgi_told.set()
+    (logger or _log).error(
+        "optimizely_odp_ext: uWSGI runs without Python threads, so ODP events will never be sent (they "
+        "pile up in memory). Add --enable-threads to the uWSGI command line (enable-threads = true in its ini).")
+
+
+def _uwsgi_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):  # an option given twice: the last one counts
+        value = value[-1] if value else None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return str(value).strip().lower()
+
+
+def _uwsgi_on(value: Any) -> bool:
+    return value is True or (value is not None and _uwsgi_text(value) in ("1", "true", "yes", "on", "y"))
+
+
+def _uwsgi_threads(value: Any) -> bool:
+    text = "" if value is None else _uwsgi_text(value)
+    return text.isdigit() and int(text) > 0
 
 
 def _install_class(cls: type, options: Options, explicit: frozenset) -> bool:  # type: ignore[type-arg]
@@ -340,7 +470,7 @@ def _install_class(cls: type, options: Options, explicit: frozenset) -> bool:  #
     for name in _PATCHED + tuple(n for n in _CLASS_ONLY if n in cls.__dict__):
         original = cls.__dict__.get(name, _MISSING)
         _class_originals[name] = original
-        setattr(cls, name, _tagged(getattr(OdpExtensionMixin, name), original))
+        setattr(cls, name, _tagged(_CLASS_FUNCTIONS.get(name) or getattr(OdpExtensionMixin, name), original))
     _class_options, _class_explicit = options, explicit
     _log.debug("installed on %s", cls.__name__)
     return True
@@ -362,7 +492,7 @@ def _install_instance(client: Any, options: Options, explicit: frozenset) -> boo
     assert state is not None
     for name in _PATCHED:
         state.instance_attrs[name] = client.__dict__.get(name, _MISSING)
-        function = _instance_close if name == "close" else getattr(OdpExtensionMixin, name)
+        function = _INSTANCE_FUNCTIONS.get(name) or getattr(OdpExtensionMixin, name)
         client.__dict__[name] = types.MethodType(_tagged(function, state.instance_attrs[name]), client)
     return True
 
@@ -374,8 +504,11 @@ def _tagged(function: Callable[..., Any], original: Any) -> Callable[..., Any]:
     replacement.__doc__ = function.__doc__
     replacement.__qualname__ = function.__qualname__
     replacement.__kwdefaults__ = function.__kwdefaults__
+    # FunctionType() copies no annotations: without them typing.get_type_hints() finds nothing.
+    replacement.__annotations__ = dict(function.__annotations__)
     setattr(replacement, _TAG, True)
-    replacement.__wrapped__ = None if original is _MISSING else original  # type: ignore[attr-defined]
+    # Not __wrapped__: inspect.signature() would follow it to what we replaced (or fail on None).
+    setattr(replacement, _REPLACED, None if original is _MISSING else original)
     return replacement
 
 

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+from typing_extensions import TypedDict
+
 from . import _compat, _lifecycle
 from .event import Encoded, Pending, batch_size_bytes, default_data, encode, join
 from .retry import NETWORK_ERROR, RetryPolicy, Verdict, classify
@@ -43,8 +45,66 @@ REFUSED = "refused"
 # "unconfirmed": a request was in flight when the close deadline passed; ODP may have accepted it.
 # "rejected_systemic": ODP refused every part of a batch alike (a revoked key, a changed schema), so
 # the batch was not split down to single events.
+# "unencodable": the event could not be encoded as JSON on the worker.
 DROP_REASONS = ("rejected", "rejected_systemic", "too_large", "queue_full", "retry_expired", "shutdown",
-                "unconfirmed", "not_integrated", "invalid")
+                "unconfirmed", "not_integrated", "unencodable")
+# Why a call was refused before its event was queued (never accepted).
+REFUSE_REASONS = ("invalid_input", "closed", "odp_disabled", "odp_not_integrated", "host_refused",
+                  "invalid_client")
+
+
+class OdpEventStats(TypedDict):
+    """What ``client.odp_event_stats()`` returns: counts since the client's first event, in this process.
+
+    ``accepted == delivered + sum(dropped.values()) + pending + left_in_spool`` holds whenever the
+    worker is between two steps; ``pending`` is 0 once ``flush_odp_events()`` returns True or
+    ``close()`` returns. Calls refused before queueing are never accepted: see ``refused``.
+
+    Attributes:
+        accepted: Events queued (including ``recovered`` ones, read from the spool).
+        delivered: Events ODP accepted (2xx).
+        dropped: Accepted events given up, by reason: ``rejected`` (ODP refused them: a 4xx after
+            isolating the event), ``rejected_systemic`` (ODP refused every part and every sampled
+            single event of a batch alike: a revoked key or a changed schema), ``too_large`` (one
+            event over ``max_batch_bytes``), ``queue_full`` (the queue or the spool was full),
+            ``retry_expired`` (still failing at the end of ``retry_window``), ``shutdown`` (not
+            sent by the close deadline), ``unconfirmed`` (in flight at the close deadline: ODP may
+            have it), ``not_integrated`` (held for a datafile that turned out to have no ODP
+            integration), ``unencodable`` (could not be encoded as JSON).
+        pending: Accepted events without an outcome yet.
+        recovered: Events left in the spool by an earlier process and read by this one.
+        left_in_spool: Events written to the spool but not delivered at close: the next process
+            with the same ``spool_dir`` delivers them.
+        refused: Calls refused before queueing, by reason: ``invalid_input`` (failed validation),
+            ``closed`` (sent after ``close()``), ``odp_disabled`` (``odp_disabled`` is set),
+            ``odp_not_integrated`` (the datafile has no ODP integration), ``host_refused`` (the ODP
+            host may not receive the key: not a valid URL, or plain http), ``invalid_client`` (the
+            Optimizely client is not valid, e.g. its datafile did not parse).
+        requests: HTTP requests made.
+        retries: Requests that were retries.
+        queued: Events waiting in the caller-side queue right now.
+        state: ``"undetermined"`` (no datafile yet), ``"integrated"``, ``"not_integrated"`` or
+            ``"refused"`` (the host may not receive the key).
+    """
+
+    accepted: int
+    delivered: int
+    dropped: Dict[str, int]
+    pending: int
+    recovered: int
+    left_in_spool: int
+    refused: Dict[str, int]
+    requests: int
+    retries: int
+    queued: int
+    state: str
+
+
+def no_stats() -> OdpEventStats:
+    """The stats of a client that has no manager yet (nothing sent, nothing refused)."""
+    return OdpEventStats(accepted=0, delivered=0, dropped=dict.fromkeys(DROP_REASONS, 0), pending=0, recovered=0,
+                         left_in_spool=0, refused=dict.fromkeys(REFUSE_REASONS, 0), requests=0,
+                         retries=0, queued=0, state=UNDETERMINED)
 
 SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
 _WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
@@ -203,7 +263,7 @@ class EventManager:
         self._count_lock = threading.RLock()
         self._overflowed = 0
         self._overflow_popped = 0  # drop_oldest: events that left the queue from the caller's side
-        self._invalid = 0
+        self._refused: Dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
         self._last_overflow_warning = -_WARN_EVERY
         self._overflow_since_warning = 0
         # Owned by the worker thread.
@@ -242,10 +302,13 @@ class EventManager:
             self._after_fork()
         if self._closed:
             self.logger.error("ODP event not sent: the ODP event manager is closed.")
+            self.count_refused("closed")
             return False
         state = self._state
         if state is not INTEGRATED and state is not UNDETERMINED:
-            self.logger.error(_compat.ODP_NOT_INTEGRATED if state is NOT_INTEGRATED else self._refusal)
+            not_integrated = state is NOT_INTEGRATED
+            self.logger.error(_compat.ODP_NOT_INTEGRATED if not_integrated else self._refusal)
+            self.count_refused("odp_not_integrated" if not_integrated else "host_refused")
             return False
         queue = self._queue
         if len(queue) + len(self._ready) >= self._capacity and not self._overflow():
@@ -262,8 +325,12 @@ class EventManager:
 
     def count_invalid(self) -> None:
         """Counts one call discarded by validation (for :meth:`stats`)."""
+        self.count_refused("invalid_input")
+
+    def count_refused(self, reason: str) -> None:
+        """Counts one call refused before queueing, by reason (one of :data:`REFUSE_REASONS`)."""
         with self._count_lock:
-            self._invalid += 1
+            self._refused[reason] += 1
 
     def _overflow(self) -> bool:
         """The queue is full. Returns True when the new event may still be appended."""
@@ -543,14 +610,8 @@ class EventManager:
         # one took its place in the queue, so each accepted event is counted exactly once.
         return self._popped + len(self._queue) + self._overflowed + self._recovered_count
 
-    def stats(self) -> Dict[str, Any]:
-        """Delivery counts so far, in this process.
-
-        ``accepted == delivered + sum(dropped.values()) + pending + left_in_spool`` at every moment
-        the worker is between two steps; once :meth:`flush` returns True or :meth:`close` returns,
-        ``pending`` is 0. ``accepted`` includes ``recovered`` (events left in the spool by an
-        earlier process); ``invalid`` counts calls discarded by validation (never accepted).
-        """
+    def stats(self) -> OdpEventStats:
+        """Delivery counts so far, in this process (every key: :class:`OdpEventStats`)."""
         dropped = dict(self._dropped)
         dropped["queue_full"] += self._overflowed
         accepted = self._accepted()
@@ -561,7 +622,7 @@ class EventManager:
             "pending": max(accepted - self._delivered - sum(dropped.values()) - self._left_in_spool, 0),
             "recovered": self._recovered_count,
             "left_in_spool": self._left_in_spool,
-            "invalid": self._invalid,
+            "refused": dict(self._refused),
             "requests": self._requests,
             "retries": self._retries,
             "queued": len(self._queue),
@@ -963,7 +1024,7 @@ class EventManager:
             except Exception as exc:
                 # Whatever a pathological value raises (TypeError, RecursionError, MemoryError from a
                 # str subclass's __str__, ...), this event reaches an outcome and the others go on.
-                self._dropped["invalid"] += 1
+                self._dropped["unencodable"] += 1
                 self.logger.error(_compat.ODP_EVENT_FAILED.format(
                     f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped"))
                 continue

@@ -8,13 +8,27 @@ the defaults below.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
-from typing import Any, Dict, Optional, Tuple
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
-from typing_extensions import Literal
+from typing_extensions import Literal, TypedDict, get_args
+
+from .transport import mask_key
 
 OverflowPolicy = Literal["drop_newest", "drop_oldest"]
+# on_outcome(outcome, events, detail): see Options.on_outcome.
+OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
+# What spool_dir accepts; it is stored as a str.
+PathType = Union[str, "os.PathLike[str]"]
+
+MAX_IN_FLIGHT = 64  # each request in flight is a thread and a connection of its own
+# What a logger given as an option must offer: the calls this plugin makes on it.
+LOGGER_METHODS = ("debug", "info", "warning", "error")
 
 
 class ConfigurationError(ValueError):
@@ -42,8 +56,6 @@ class Options:
         retry_after_max: The longest ``Retry-After`` honoured, in seconds.
         close_timeout: Seconds ``close()`` (and the exit hook) may spend delivering what is queued.
         flush_at_exit: Deliver what is queued when the interpreter exits without ``close()``.
-        flush_on_sigterm: Install a SIGTERM handler (main thread, once per process) that delivers
-            what is queued (within ``close_timeout``), then hands over to the previous handler.
         api_host: Overrides the ODP host from the datafile.
         api_key: Overrides the ODP public key from the datafile.
         odp_disabled: Overrides the client's ``sdk_settings.odp_disabled``.
@@ -53,7 +65,12 @@ class Options:
             memory only.
         spool_fsync: fsync each group of spooled events (slower; survives power loss too).
         spool_max_bytes: The spool's size cap; the overflow policy applies past it.
-        logger: Overrides the client's logger for this plugin's lines.
+        logger: Overrides the client's logger for this plugin's lines: anything with ``debug``,
+            ``info``, ``warning`` and ``error`` methods (a ``logging.Logger``, the SDK's loggers).
+        flush_on_sigterm: On SIGTERM with Python's default handling, deliver what is queued
+            (within ``close_timeout``) before the process ends; off by default.
+        on_outcome: ``fn(outcome, events, detail)``, called on the worker thread once per batch
+            outcome (``"delivered"`` or a drop reason) with the events' dicts; None calls nothing.
     """
 
     batch_size: int = 100
@@ -70,7 +87,6 @@ class Options:
     retry_after_max: float = 60.0
     close_timeout: float = 15.0
     flush_at_exit: bool = True
-    flush_on_sigterm: bool = False
     api_host: Optional[str] = None
     api_key: Optional[str] = None
     odp_disabled: Optional[bool] = None
@@ -80,43 +96,145 @@ class Options:
     spool_fsync: bool = False
     spool_max_bytes: int = 256 * 1024 * 1024
     logger: Optional[Any] = None
+    flush_on_sigterm: bool = False
+    on_outcome: Optional[OutcomeCallback] = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_batch_bytes", "queue_capacity", "max_in_flight", "spool_max_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigurationError(f"{name} must be a positive whole number, got {value!r}.")
-        positive = ("request_timeout", "connect_timeout")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
-        non_negative = ("flush_interval", "retry_window", "backoff_base", "backoff_max",
-                        "retry_after_max", "close_timeout")
-        for name in non_negative:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}.")
-        if self.overflow not in ("drop_newest", "drop_oldest"):
-            raise ConfigurationError(
-                f'overflow must be "drop_newest" or "drop_oldest", got {self.overflow!r}.')
+                raise _invalid(name, value, "a positive whole number")
+        if self.max_in_flight > MAX_IN_FLIGHT:
+            raise _invalid("max_in_flight", self.max_in_flight, f"a whole number from 1 to {MAX_IN_FLIGHT}")
+        for name in ("request_timeout", "connect_timeout"):
+            if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
+                raise _invalid(name, getattr(self, name), "a positive finite number (seconds)")
+        for name in ("flush_interval", "retry_window", "backoff_base", "backoff_max", "retry_after_max",
+                     "close_timeout"):
+            if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
+                raise _invalid(name, getattr(self, name), "a finite number >= 0 (seconds)")
+        policies = get_args(OverflowPolicy)
+        if self.overflow not in policies:
+            raise _invalid("overflow", self.overflow, " or ".join(f'"{p}"' for p in policies))
+        # Strict: "false" or 0 must not pass for False (odp_disabled="false" would disable ODP).
+        for name in ("flush_at_exit", "allow_insecure_http", "gzip", "spool_fsync", "flush_on_sigterm"):
+            if not isinstance(getattr(self, name), bool):
+                raise _invalid(name, getattr(self, name), "True or False")
+        if self.odp_disabled is not None and not isinstance(self.odp_disabled, bool):
+            raise _invalid("odp_disabled", self.odp_disabled, "True, False or None")
+        self._check_api()
+        if self.spool_dir is not None:
+            if not isinstance(self.spool_dir, (str, os.PathLike)) or not isinstance(os.fspath(self.spool_dir), str):
+                raise _invalid("spool_dir", self.spool_dir, "a directory path (str or os.PathLike) or None")
+            object.__setattr__(self, "spool_dir", os.fspath(self.spool_dir))  # frozen: set once, here
+        if self.logger is not None and not _is_logger(self.logger):
+            adapted = _adapt_sdk_logger(self.logger)
+            if adapted is None:
+                expected = f"a logger with {', '.join(LOGGER_METHODS)} methods, or None"
+                raise _invalid("logger", self.logger, expected)
+            object.__setattr__(self, "logger", adapted)  # frozen: set once, here
+        if self.on_outcome is not None and not callable(self.on_outcome):
+            raise _invalid("on_outcome", self.on_outcome, "a callable fn(outcome, events, detail), or None")
+
+    def _check_api(self) -> None:
+        if self.api_host is not None:
+            host = self.api_host
+            parts = urlsplit(host) if isinstance(host, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not _hostname(parts):
+                raise _invalid("api_host", host, "an http(s) URL such as \"https://api.zaius.com\", or None")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ConfigurationError(f"api_key must be a non-empty str, got a {type(self.api_key).__name__}.")
         if (self.api_host is None) != (self.api_key is None):
             raise ConfigurationError("api_host and api_key go together: give both or neither.")
+
+    def __repr__(self) -> str:
+        # The API key is a credential: logs and tracebacks show only its last characters.
+        fields = ", ".join(
+            f"{f.name}={repr(mask_key(v)) if f.name == 'api_key' and isinstance(v, str) else repr(v)}"
+            for f in dataclasses.fields(self) for v in (getattr(self, f.name),))
+        return f"Options({fields})"
 
     def replace(self, **changes: Any) -> Options:
         """A copy with ``changes`` applied (validated the same way)."""
         return dataclasses.replace(self, **changes)
 
 
+def _invalid(name: str, value: Any, expected: str) -> ConfigurationError:
+    return ConfigurationError(f"{name} must be {expected}, got {value!r}.")
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that is neither infinite nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_logger(logger: Any) -> bool:
+    return all(callable(getattr(logger, method, None)) for method in LOGGER_METHODS)
+
+
+def _adapt_sdk_logger(logger: Any) -> Any:
+    """The SDK's own logger objects (optimizely-sdk 4.x ``NoOpLogger``/``SimpleLogger`` have only
+    ``log()``) as the ``logging.Logger`` the SDK itself would use; None when not one of them."""
+    try:
+        from optimizely.logger import adapt_logger
+    except ImportError:
+        return None
+    adapted = adapt_logger(logger)
+    return adapted if adapted is not logger and _is_logger(adapted) else None
+
+
+def _hostname(parts: Any) -> bool:
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Options))
+
+
+class InstallOptions(TypedDict, total=False):
+    """The keyword options of ``install()``, typed (see :class:`Options` for each one)."""
+
+    batch_size: int
+    max_batch_bytes: int
+    flush_interval: float
+    queue_capacity: int
+    overflow: OverflowPolicy
+    request_timeout: float
+    connect_timeout: float
+    max_in_flight: int
+    retry_window: float
+    backoff_base: float
+    backoff_max: float
+    retry_after_max: float
+    close_timeout: float
+    flush_at_exit: bool
+    api_host: Optional[str]
+    api_key: Optional[str]
+    odp_disabled: Optional[bool]
+    allow_insecure_http: bool
+    gzip: bool
+    spool_dir: Optional[PathType]
+    spool_fsync: bool
+    spool_max_bytes: int
+    logger: Optional[Any]
+    flush_on_sigterm: bool
+    on_outcome: Optional[OutcomeCallback]
 
 
 def make_options(base: Optional[Options] = None, **overrides: Any) -> Options:
     """Builds :class:`Options` from keywords, rejecting unknown names with a clear error."""
     unknown = sorted(set(overrides) - OPTION_NAMES)
     if unknown:
-        raise ConfigurationError(f"unknown option(s): {', '.join(unknown)}.")
+        raise ConfigurationError("unknown option(s): " + ", ".join(_did_you_mean(name) for name in unknown) + ".")
     return (base or Options()).replace(**overrides) if overrides else (base or Options())
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(OPTION_NAMES), n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
 
 
 def from_client(client: Any, options: Options, explicit: frozenset) -> Options:  # type: ignore[type-arg]
@@ -147,9 +265,93 @@ def from_client(client: Any, options: Options, explicit: frozenset) -> Options: 
 
 
 def _number(value: object) -> Optional[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
+    # An infinite or NaN sdk_settings value is ignored like any other unusable one.
+    return float(value) if _finite(value) else None  # type: ignore[arg-type]
+
+
+# Where configuration problems and lost events also go when the client's logger shows nothing.
+MIRROR_LOGGER = "optimizely_odp_ext"
+
+
+class VisibleLogger:
+    """The user-facing logger, made visible by default.
+
+    The SDK's default logger is a no-op (a ``NullHandler``), so without this a refused host, a
+    full queue or a dropped batch would print nothing. Warning and error lines go to the wrapped
+    logger as always and, only while that logger shows nothing (every handler it reaches is a
+    ``NullHandler``), also to the ``optimizely_odp_ext`` Python logger, which Python's last-resort
+    handler prints when the application configured no logging. A logger that shows lines gets
+    each line once. Checked at each line: logging configured later is honoured.
+
+    Args:
+        inner: The client's logger (or the ``logger`` option).
+    """
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def debug(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.inner.debug(msg, *args, **self._where(kwargs))
+
+    def info(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.inner.info(msg, *args, **self._where(kwargs))
+
+    def warning(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.inner.warning(msg, *args, **self._where(kwargs))
+        self._mirror(logging.WARNING, msg, args)
+
+    def error(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.inner.error(msg, *args, **self._where(kwargs))
+        self._mirror(logging.ERROR, msg, args)
+
+    def exception(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.inner.exception(msg, *args, **self._where(kwargs))
+        self._mirror(logging.ERROR, msg, args)
+
+    def _where(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        # A record's file and line are the caller's, not this wrapper's (logging.Logger only).
+        if isinstance(self.inner, logging.Logger):
+            kwargs.setdefault("stacklevel", 2)
+        return kwargs
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else the caller may use (log, isEnabledFor, handlers, ...) is the wrapped logger's.
+        return getattr(self.inner, name)
+
+    def _mirror(self, level: int, msg: Any, args: Any) -> None:
+        if _shows_nothing(self.inner):
+            logging.getLogger(MIRROR_LOGGER).log(level, msg, *args, stacklevel=3)
+
+
+def _shows_nothing(logger: Any) -> bool:
+    """Whether every handler ``logger`` reaches is a ``NullHandler`` (the SDK's ``NoOpLogger``).
+
+    A logger that reaches no handler at all is not silent: Python's last-resort handler prints its
+    warnings and errors already, so mirroring them would print them twice.
+    """
+    if not isinstance(logger, logging.Logger):
+        # The SDK's NoOpLogger object given as the logger option: it drops every line.
+        return type(logger).__name__ == "NoOpLogger"
+    if logger.name == MIRROR_LOGGER:
+        return False
+    found = False
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        for handler in current.handlers:
+            if not isinstance(handler, logging.NullHandler):
+                return False
+            found = True
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
+
+
+def visible(logger: Any) -> VisibleLogger:
+    """``logger`` wrapped in a :class:`VisibleLogger` (once)."""
+    return logger if isinstance(logger, VisibleLogger) else VisibleLogger(logger)
 
 
 def client_logger(client: Any, options: Options) -> Any:

@@ -122,7 +122,7 @@ def test_bad_calls_are_discarded_with_one_line_each_and_do_not_disturb_good_ones
         "ODP data is not valid.",
     ]
     stats = client.odp_event_stats()
-    assert (stats["accepted"], stats["delivered"], stats["invalid"]) == (2, 2, 4)
+    assert (stats["accepted"], stats["delivered"], stats["refused"]["invalid_input"]) == (2, 2, 4)
 
 
 # ----------------------------------------------------------------- batching

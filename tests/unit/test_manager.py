@@ -150,8 +150,7 @@ def check_invariant(manager: EventManager) -> Dict[str, Any]:
 
 def no_drops(**dropped: int) -> Dict[str, int]:
     counts = dict.fromkeys(("rejected", "rejected_systemic", "too_large", "queue_full", "retry_expired", "shutdown",
-                            "unconfirmed", "not_integrated",
-                            "invalid"), 0)
+                            "unconfirmed", "not_integrated", "unencodable"), 0)
     counts.update(dropped)
     return counts
 
@@ -709,7 +708,7 @@ def test_count_invalid(build: Build) -> None:
     manager.count_invalid()
     manager.count_invalid()
     stats = manager.stats()
-    assert stats["invalid"] == 2
+    assert stats["refused"]["invalid_input"] == 2
     assert stats["accepted"] == 0
 
 

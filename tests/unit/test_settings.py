@@ -60,7 +60,7 @@ WHOLE = ("batch_size", "max_batch_bytes", "queue_capacity", "max_in_flight", "sp
 def test_positive_options_refuse_bad_values(name: str, value: Any) -> None:
     with pytest.raises(ConfigurationError) as info:
         Options(**{name: value})
-    kind = "a positive whole number" if name in WHOLE else "a positive number"
+    kind = "a positive whole number" if name in WHOLE else "a positive finite number (seconds)"
     assert str(info.value) == f"{name} must be {kind}, got {value!r}."
 
 
@@ -75,7 +75,7 @@ def test_count_options_refuse_fractions(name: str) -> None:
 def test_non_negative_options_refuse_bad_values(name: str, value: Any) -> None:
     with pytest.raises(ConfigurationError) as info:
         Options(**{name: value})
-    assert str(info.value) == f"{name} must be a number >= 0, got {value!r}."
+    assert str(info.value) == f"{name} must be a finite number >= 0 (seconds), got {value!r}."
 
 
 @pytest.mark.parametrize("name", NON_NEGATIVE)
@@ -132,7 +132,7 @@ def test_make_options() -> None:
 def test_make_options_rejects_unknown_names() -> None:
     with pytest.raises(ConfigurationError) as info:
         make_options(batch_size=5, bacth_size=5, zzz=1)
-    assert str(info.value) == "unknown option(s): bacth_size, zzz."
+    assert str(info.value) == "unknown option(s): bacth_size (did you mean batch_size?), zzz."
 
 
 def test_make_options_validates_values() -> None:
