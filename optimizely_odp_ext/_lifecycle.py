@@ -21,6 +21,8 @@ from typing import Any, List, Optional
 
 from typing_extensions import Protocol
 
+from . import _celery  # imports this module back; uses it only at call time
+
 _log = logging.getLogger(__name__)
 
 
@@ -47,6 +49,7 @@ def register(manager: Closable) -> None:
     """Adds a manager to the process's registry (weakly: a dropped manager leaves by itself)."""
     with _REGISTRY_LOCK:
         _MANAGERS.add(manager)
+    _celery.connect_if_loaded()  # Celery's prefork children end without atexit: see _celery
 
 
 def unregister(manager: Closable) -> None:
@@ -117,6 +120,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _REGISTRY_LOCK  # noqa: PLW0603 - a fresh lock in the child, see _before_fork
     _REGISTRY_LOCK = threading.Lock()
+    _celery.connect_if_loaded()  # a Celery worker imported celery after its managers registered
     for manager in list(_MANAGERS):
         try:
             manager._after_fork()
