@@ -28,7 +28,7 @@ from . import _lifecycle
 _log = logging.getLogger(__name__)
 
 _DISPATCH_UID = "optimizely_odp_ext.close_all"
-_connected = False
+_connected = threading.Event()  # set once per process; inherited across fork with the connection
 _connect_lock = threading.Lock()
 
 
@@ -42,11 +42,10 @@ def connect_if_loaded() -> bool:
     Returns:
         True when the receiver is connected.
     """
-    global _connected  # noqa: PLW0603 - the one per-process flag of this module
-    if _connected or "celery" not in sys.modules:
-        return _connected
+    if _connected.is_set() or "celery" not in sys.modules:
+        return _connected.is_set()
     with _connect_lock:
-        if _connected:
+        if _connected.is_set():
             return True
         try:
             from celery import signals
@@ -55,7 +54,7 @@ def connect_if_loaded() -> bool:
             return False
         # weak=False: the receiver is a module-level function, kept for the life of the process.
         signals.worker_process_shutdown.connect(_on_worker_process_shutdown, weak=False, dispatch_uid=_DISPATCH_UID)
-        _connected = True
+        _connected.set()
         _log.debug("connected to celery's worker_process_shutdown")
         return True
 

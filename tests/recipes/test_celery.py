@@ -137,3 +137,45 @@ def test_prefork_children_deliver_at_warm_shutdown(tmp_path: Path, server: FakeO
 def test_in_process_pools_deliver_at_exit(tmp_path: Path, server: FakeOdpServer, pool: str) -> None:
     pids = _deliver_through(tmp_path, server, f"--pool={pool}", "--concurrency=2")
     assert len(pids) == 1  # the tasks ran in the worker's own process, which exits through the interpreter
+
+
+def _run_script(script: str, server: FakeOdpServer) -> str:
+    env = {**os.environ, "ODP_TEST_URL": server.url, "ODP_TEST_KEY": TEST_KEY}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+_CLIENT = """
+import logging, os, sys
+from optimizely import optimizely
+import optimizely_odp_ext
+from optimizely_odp_ext._datafile import datafile
+optimizely_odp_ext.install()
+client = optimizely.Optimizely(datafile(os.environ["ODP_TEST_URL"], os.environ["ODP_TEST_KEY"]),
+                               logger=logging.getLogger("app"))
+client.send_odp_event("t", {"fs_user_id": "u"})
+"""
+
+
+def test_the_plugin_never_imports_celery(server: FakeOdpServer) -> None:
+    out = _run_script(_CLIENT + "client.close()\nprint('celery' in sys.modules)\n", server)
+    assert out.split() == ["False"]
+    assert server.wait_for_events(1, timeout=5.0)
+
+
+def test_a_child_forked_after_celery_is_imported_has_the_receiver(server: FakeOdpServer) -> None:
+    # The manager registered before celery was imported (nothing to connect to then); the fork of
+    # the worker's pool is where the receiver gets connected.
+    script = _CLIENT + """
+from celery import signals
+before = signals.worker_process_shutdown.has_listeners()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if signals.worker_process_shutdown.has_listeners() else 3)
+_, status = os.waitpid(pid, 0)
+client.close()
+print(before, os.WEXITSTATUS(status))
+"""
+    assert _run_script(script, server).split() == ["False", "0"]
