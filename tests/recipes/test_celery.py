@@ -179,3 +179,10 @@ client.close()
 print(before, os.WEXITSTATUS(status))
 """
     assert _run_script(script, server).split() == ["False", "0"]
+
+
+def test_the_celery_example_runs() -> None:
+    example = HERE.parent.parent / "examples" / "04_celery.py"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ODP received 500 of 500 events, each once" in done.stdout
