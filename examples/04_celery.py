@@ -49,9 +49,10 @@ def main() -> int:
         results = [celery_tasks.checkout.delay(order, ITEMS) for order in range(TASKS)]
         print(f"queued {TASKS} tasks of {ITEMS} events")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-        log = open(os.path.join(folder, "worker.log"), "w+")  # shown only if something goes wrong
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_tasks", "worker", *WORKER],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log_path = os.path.join(folder, "worker.log")  # shown only if something goes wrong
+        with open(log_path, "w") as log:
+            worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_tasks", "worker", *WORKER],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             print("worker: prefork, 2 processes, each replaced after 3 tasks")
             pids = {result.get(timeout=120) for result in results}
@@ -61,16 +62,13 @@ def main() -> int:
             if worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait(timeout=10)
-            log.seek(0)
-            output = log.read()
-            log.close()
         print(f"tasks ran in {len(pids)} worker processes; worker stopped with SIGTERM, exit code {code}")
         ids = [str(event["data"]["idempotence_id"]) for event in odp.events]
         once = len(ids) == len(set(ids)) == TASKS * ITEMS
         print(f"ODP received {len(set(ids))} of {TASKS * ITEMS} events" + (", each once" if once else ""))
         if once and code == 0:
             return 0
-        print(output)
+        print(Path(log_path).read_text())
         return 1
 
 
