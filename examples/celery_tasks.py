@@ -25,7 +25,7 @@ from optimizely_odp_ext._datafile import datafile
 folder = os.environ["EXAMPLE_CELERY_DIR"]
 app = Celery("celery_tasks", broker="filesystem://", backend=f"file://{folder}/results")
 app.conf.broker_transport_options = {"data_folder_in": f"{folder}/broker", "data_folder_out": f"{folder}/broker",
-                                     "polling_interval": 0.1}
+                                     "control_folder": f"{folder}/control", "polling_interval": 0.1}
 
 # Once per process, at import: the worker's parent imports this module before it forks its pool.
 optimizely_odp_ext.install()  # every Optimizely client gets send_odp_event

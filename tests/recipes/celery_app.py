@@ -27,6 +27,7 @@ app = Celery("celery_app", broker="filesystem://")
 app.conf.update(
     broker_transport_options={"data_folder_in": str(BROKER_DIR), "data_folder_out": str(BROKER_DIR),
                               "processed_folder": str(BROKER_DIR / "processed"), "store_processed": False,
+                              "control_folder": str(BROKER_DIR / "control"),
                               # The worker looks for new messages every 0.1 s, not every second.
                               "polling_interval": 0.1},
     task_ignore_result=True,
