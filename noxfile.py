@@ -16,7 +16,7 @@ nox.options.reuse_existing_virtualenvs = True
 # The interpreter's own venv module: current virtualenv releases cannot seed Python 3.8.
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "typecheck", "tests", "tests_python", "examples", "dist"]
+nox.options.sessions = ["lint", "typecheck", "tests", "tests_python", "examples", "celery", "dist"]
 
 MAIN_PYTHON = "3.11"
 OTHER_PYTHONS = ["3.8", "3.9", "3.10", "3.12", "3.13"]
@@ -88,6 +88,16 @@ def examples(session: nox.Session) -> None:
 
     for script in sorted(pathlib.Path("examples").glob("[0-9]*.py")):
         session.run("python", str(script))
+
+
+@nox.session(python=MAIN_PYTHON)
+def celery(session: nox.Session) -> None:
+    """The Celery recipe: real workers (prefork with and without recycling, solo, threads) and its example.
+
+    Celery is a test-only dependency, installed here only; elsewhere these tests are skipped.
+    """
+    _install(session, "5.7", "celery>=5.3,<6", "pytest>=7.4,<10")
+    session.run("python", "-m", "pytest", "-q", "-m", "recipes", "tests/recipes/test_celery.py", *session.posargs)
 
 
 @nox.session(python=MAIN_PYTHON)

@@ -23,6 +23,8 @@ from typing import Any, Callable, List, Optional, Set, Union
 
 from typing_extensions import Protocol
 
+from . import _celery  # imports this module back; uses it only at call time
+
 _log = logging.getLogger(__name__)
 
 
@@ -57,6 +59,7 @@ def register(manager: Closable) -> None:
     with _REGISTRY_LOCK:
         _MANAGERS.add(manager)
     _arm_process_finalizers()
+    _celery.connect_if_loaded()  # Celery's prefork children end without atexit: see _celery
 
 
 def closing(manager: Closable, under_way: bool) -> None:
@@ -232,6 +235,7 @@ def _after_fork_in_child() -> None:
     # Managers closing in the parent: their threads are not here (their children start afresh).
     _CLOSING.clear()
     _arm_process_finalizers()
+    _celery.connect_if_loaded()  # a Celery worker imported celery after its managers registered
     for manager in list(_MANAGERS):
         try:
             manager._after_fork()
