@@ -27,7 +27,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     optimizely_odp_ext.install(client)
     app.state.optimizely = client
     yield
-    # close() may wait up to close_timeout for ODP: never on the event loop's thread.
+    # close() may wait up to close_timeout for ODP: never on the event loop's thread. (Python 3.8,
+    # which has no to_thread: await asyncio.get_running_loop().run_in_executor(None, client.close))
     await asyncio.to_thread(client.close)
 
 
