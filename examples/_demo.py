@@ -57,7 +57,7 @@ class Served:
     sent: List[str]
     received: Dict[str, int]  # idempotence_id -> times the fake ODP accepted it
     actions: Dict[str, int]  # action -> events accepted
-    pids: Set[str]  # the server processes that answered requests
+    pids: Set[str]  # the server processes that answered requests (all of them were up before the events)
     returncode: Optional[int]
     output: str
 
@@ -80,7 +80,7 @@ def _get(url: str, timeout: float = 5.0) -> str:
         return str(reply.read().decode())
 
 
-def _wait_ready(url: str, process: subprocess.Popen, workers: int) -> None:  # type: ignore[type-arg]
+def _wait_ready(url: str, process: subprocess.Popen, workers: int) -> Set[str]:  # type: ignore[type-arg]
     """Until ``workers`` distinct processes answered: a SIGTERM while a worker still loads the app
     (uWSGI --lazy-apps) would test start-up, not shutdown."""
     deadline = time.monotonic() + BOOT_SECONDS
@@ -92,7 +92,7 @@ def _wait_ready(url: str, process: subprocess.Popen, workers: int) -> None:  # t
             try:
                 seen.update(pool.map(lambda _: _get(url, timeout=5.0), range(2 * workers)))
                 if len(seen) >= workers:
-                    return
+                    return seen
             except OSError:
                 time.sleep(0.1)  # polling a port that is not open yet: nothing to wait on but time
     raise RuntimeError(f"{len(seen)} of {workers} server processes answered {url} within {BOOT_SECONDS:.0f} s")
@@ -114,9 +114,9 @@ def serve(command: Sequence[str], port: int, workers: int = 1, requests: int = 4
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(base + "/", process, workers)
+            pids = _wait_ready(base + "/", process, workers)
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                pids = set(pool.map(lambda event_id: _get(f"{base}/event?id={event_id}"), sent))
+                pids.update(pool.map(lambda event_id: _get(f"{base}/event?id={event_id}"), sent))
             process.send_signal(signal.SIGTERM)  # at once: the last events are still queued
             returncode: Optional[int] = process.wait(STOP_SECONDS)
         except BaseException:
