@@ -4,7 +4,8 @@
 # Serve it: uvicorn --app-dir examples 04_fastapi_lifespan:app
 # Expected output (the demo serves it under uvicorn against a fake ODP server, then sends SIGTERM):
 #   sent 40, ODP received 40 events ({'request': 40}), lost 0, duplicated 0, 1 worker process(es),
-#   server exit code -15  (uvicorn re-raises the SIGTERM it handled gracefully)
+#   first half delivered while running: True, server exit code -15
+# (-15: uvicorn re-raises the SIGTERM once its graceful shutdown, lifespan included, is complete)
 
 from __future__ import annotations
 

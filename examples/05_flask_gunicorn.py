@@ -4,7 +4,7 @@
 # Serve it: gunicorn --preload --workers 2 --chdir examples "05_flask_gunicorn:create_app()"
 # Expected output (the demo serves it under gunicorn against a fake ODP server, then sends SIGTERM):
 #   sent 40, ODP received 41 events ({'app_loaded': 1, 'request': 40}), lost 0, duplicated 0,
-#   2 worker process(es), server exit code 0
+#   2 worker process(es), first half delivered while running: True, server exit code 0
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 # Serve it: gunicorn --chdir examples 06_django_appconfig:application
 # Expected output (the demo serves it under gunicorn against a fake ODP server, then sends SIGTERM):
 #   sent 40, ODP received 40 events ({'request': 40}), lost 0, duplicated 0, 1 worker process(es),
-#   server exit code 0
+#   first half delivered while running: True, server exit code 0
 # A one-file Django project; in yours, OdpConfig goes in your app's apps.py and the client is
 # reached as django.apps.apps.get_app_config("odp").optimizely.
 

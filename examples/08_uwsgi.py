@@ -10,7 +10,7 @@
 #   on SIGTERM otherwise); each worker's interpreter then exits and the plugin's exit hook delivers.
 # Expected output (the demo serves it under uWSGI against a fake ODP server, then sends SIGTERM):
 #   sent 40, ODP received 40 events ({'request': 40}), lost 0, duplicated 0, 2 worker process(es),
-#   server exit code 0
+#   first half delivered while running: True, server exit code 0
 
 from __future__ import annotations
 

@@ -4,10 +4,11 @@
 production (``OPTIMIZELY_SDK_KEY``), or, in the demos and in CI, from a local datafile whose ODP
 integration points at the fake ODP server the demo started (``DEMO_ODP_URL``, ``DEMO_ODP_KEY``).
 
-``serve()`` runs a real server process (uvicorn, gunicorn, uWSGI) with a recipe's app, sends it
-requests that each make the app send one ODP event with a known ``idempotence_id``, stops it with
-SIGTERM right after the last answer (while events are still queued), and reports what the fake ODP
-server received: nothing lost, nothing twice.
+``serve()`` runs a real server process (uvicorn, gunicorn, uWSGI) with a recipe's app and sends it
+requests that each make the app send one ODP event with a known ``idempotence_id``: a first half,
+waiting until ODP has them (the plugin's thread runs in the server's workers), then the second half,
+stopping the server with SIGTERM right after the last answer (while those events are still queued).
+It reports what the fake ODP server received: nothing lost, nothing twice.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Served:
     received: Dict[str, int]  # idempotence_id -> times the fake ODP accepted it
     actions: Dict[str, int]  # action -> events accepted
     pids: Set[str]  # the server processes that answered requests (all of them were up before the events)
+    while_running: bool  # the first half reached ODP before the stop
     returncode: Optional[int]
     output: str
 
@@ -72,7 +74,8 @@ class Served:
     def summary(self) -> str:
         return (f"sent {len(self.sent)}, ODP received {sum(self.actions.values())} events "
                 f"({dict(sorted(self.actions.items()))}), lost {len(self.lost)}, duplicated {len(self.duplicated)}, "
-                f"{len(self.pids)} worker process(es), server exit code {self.returncode}")
+                f"{len(self.pids)} worker process(es), first half delivered while running: {self.while_running}, "
+                f"server exit code {self.returncode}")
 
 
 def _get(url: str, timeout: float = 5.0) -> str:
@@ -115,8 +118,11 @@ def serve(command: Sequence[str], port: int, workers: int = 1, requests: int = 4
         base = f"http://127.0.0.1:{port}"
         try:
             pids = _wait_ready(base + "/", process, workers)
+            half = len(sent) // 2
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                pids.update(pool.map(lambda event_id: _get(f"{base}/event?id={event_id}"), sent))
+                pids.update(pool.map(lambda event_id: _get(f"{base}/event?id={event_id}"), sent[:half]))
+                while_running = _wait_requests_at(odp, half)
+                pids.update(pool.map(lambda event_id: _get(f"{base}/event?id={event_id}"), sent[half:]))
             process.send_signal(signal.SIGTERM)  # at once: the last events are still queued
             returncode: Optional[int] = process.wait(STOP_SECONDS)
         except BaseException:
@@ -129,7 +135,17 @@ def serve(command: Sequence[str], port: int, workers: int = 1, requests: int = 4
         events = odp.events
     received = collections.Counter(str(e["data"]["idempotence_id"]) for e in events if e["action"] == "request")
     actions = collections.Counter(str(e["action"]) for e in events)
-    return Served(sent, dict(received), dict(actions), pids, returncode, output)
+    return Served(sent, dict(received), dict(actions), pids, while_running, returncode, output)
+
+
+def _wait_requests_at(odp: FakeOdpServer, count: int, timeout: float = 10.0) -> bool:
+    """Whether ODP accepted ``count`` events of action "request" within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for e in odp.events if e["action"] == "request") < count:
+        if time.monotonic() >= deadline:
+            return False
+        odp.wait_for_requests(len(odp.requests) + 1, timeout=min(0.5, max(deadline - time.monotonic(), 0.0)))
+    return True
 
 
 def _kill_group(process: subprocess.Popen) -> None:  # type: ignore[type-arg]
@@ -144,8 +160,9 @@ def report(served: Served, expect_actions: Dict[str, int]) -> int:
     """Prints the summary; 0 when every request's event arrived exactly once, as did ``expect_actions``."""
     print(served.summary())
     # uvicorn re-raises the SIGTERM it handled gracefully, so -SIGTERM is a clean stop too.
-    ok = not served.lost and not served.duplicated and served.returncode in (0, -signal.SIGTERM) \
-        and all(served.actions.get(action, 0) == n for action, n in expect_actions.items())
+    ok = (not served.lost and not served.duplicated and served.while_running
+          and served.returncode in (0, -signal.SIGTERM)
+          and all(served.actions.get(action, 0) == n for action, n in expect_actions.items()))
     if not ok:
         print(served.output[-4000:], file=sys.stderr)
     return 0 if ok else 1

@@ -6,6 +6,7 @@ Each test is skipped when its framework is not installed; ``nox -s recipes`` ins
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.recipes
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RUN_SECONDS = 180.0  # a recipe boots a server, sends 40 requests and stops it: a few seconds normally
 SUMMARY = re.compile(r"^sent (\d+), ODP received (\d+) events \((\{.*\})\), lost (\d+), duplicated (\d+), "
-                     r"(\d+) worker process\(es\), server exit code (-?\d+)$", re.MULTILINE)
+                     r"(\d+) worker process\(es\), first half delivered while running: (True|False), "
+                     r"server exit code (-?\d+)$", re.MULTILINE)
 
 
 def run_example(name: str) -> str:
@@ -46,38 +48,40 @@ def run_example(name: str) -> str:
 
 
 def served(name: str) -> tuple:  # type: ignore[type-arg]
-    """(sent, received, by action, lost, duplicated, workers, exit code) from a server recipe's summary."""
+    """(sent, received, by action, lost, duplicated, workers, delivered while running, exit code) from a
+    server recipe's summary line."""
     output = run_example(name)
     match = SUMMARY.search(output)
     assert match is not None, output
-    sent, received, actions, lost, duplicated, workers, code = match.groups()
-    return int(sent), int(received), eval(actions), int(lost), int(duplicated), int(workers), int(code)
+    sent, received, actions, lost, duplicated, workers, running, code = match.groups()
+    return (int(sent), int(received), ast.literal_eval(actions), int(lost), int(duplicated), int(workers),
+            running == "True", int(code))
 
 
 def test_fastapi_under_uvicorn_sigterm_loses_nothing() -> None:
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     # uvicorn re-raises the SIGTERM after its graceful shutdown (lifespan included) completed.
-    assert served("04_fastapi_lifespan.py") == (40, 40, {"request": 40}, 0, 0, 1, -signal.SIGTERM)
+    assert served("04_fastapi_lifespan.py") == (40, 40, {"request": 40}, 0, 0, 1, True, -signal.SIGTERM)
 
 
 def test_flask_under_gunicorn_preload_two_workers_nothing_lost_nothing_twice() -> None:
     pytest.importorskip("flask")
     pytest.importorskip("gunicorn")
     # app_loaded is sent by the master before the fork: exactly once, not once per worker.
-    assert served("05_flask_gunicorn.py") == (40, 41, {"app_loaded": 1, "request": 40}, 0, 0, 2, 0)
+    assert served("05_flask_gunicorn.py") == (40, 41, {"app_loaded": 1, "request": 40}, 0, 0, 2, True, 0)
 
 
 def test_django_installed_in_appconfig_ready_under_gunicorn() -> None:
     pytest.importorskip("django")
     pytest.importorskip("gunicorn")
-    assert served("06_django_appconfig.py") == (40, 40, {"request": 40}, 0, 0, 1, 0)
+    assert served("06_django_appconfig.py") == (40, 40, {"request": 40}, 0, 0, 1, True, 0)
 
 
 def test_uwsgi_with_the_documented_flags_loses_nothing() -> None:
     if shutil.which("uwsgi", path=os.path.dirname(sys.executable)) is None:  # pip's uwsgi puts it there
         pytest.skip("uWSGI is not installed beside this Python")
-    assert served("08_uwsgi.py") == (40, 40, {"request": 40}, 0, 0, 2, 0)
+    assert served("08_uwsgi.py") == (40, 40, {"request": 40}, 0, 0, 2, True, 0)
 
 
 def test_lambda_handler_flushes_each_invocation() -> None:
