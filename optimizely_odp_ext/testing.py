@@ -78,6 +78,7 @@ import datetime
 import gzip
 import http
 import json
+import logging
 import math
 import socket
 import struct
@@ -892,12 +893,14 @@ def make_client(server: FakeOdpServer, **install_options: Any) -> Optimizely:
 
     Built from :func:`odp_datafile` (no SDK key: nothing polls the CDN), with an event dispatcher
     that discards Optimizely's own impression/conversion events, so nothing leaves the machine.
-    The caller closes it (the ``odp_client`` fixture does).
+    The client and the plugin log to the ``optimizely_odp_ext.testing.client`` logger (so pytest's
+    ``caplog`` sees their lines) unless ``logger`` is given. The caller closes it (the
+    ``odp_client`` fixture does).
 
     Args:
         server: A started :class:`FakeOdpServer`.
         **install_options: Options for ``install(client, ...)``; by default ``flush_interval=0.05``
-            and ``close_timeout=5.0``. A ``logger`` is also given to the client itself.
+            and ``close_timeout=5.0``. A ``logger`` is used by the client itself too.
 
     Returns:
         The client (``optimizely.optimizely.Optimizely``); ``optimizely_odp_ext.odp(client)`` types
@@ -908,8 +911,10 @@ def make_client(server: FakeOdpServer, **install_options: Any) -> Optimizely:
     from .extension import install
 
     options = {**_TEST_OPTIONS, **install_options}
+    if options.get("logger") is None:
+        options["logger"] = logging.getLogger(f"{__name__}.client")
     client = optimizely.Optimizely(datafile=odp_datafile(server.url, server.api_key),
-                                   logger=options.get("logger"), event_dispatcher=_OfflineEventDispatcher())
+                                   logger=options["logger"], event_dispatcher=_OfflineEventDispatcher())
     install(client, **options)
     return client
 

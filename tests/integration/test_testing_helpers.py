@@ -47,6 +47,15 @@ def test_make_client_sends_to_the_server_and_closes(log: Log) -> None:
     assert any(line.startswith("ODP event manager closed") for line in log[1].lines())
 
 
+def test_make_client_logs_where_caplog_sees_it(caplog: pytest.LogCaptureFixture) -> None:
+    with FakeOdpServer() as server, caplog.at_level(logging.INFO, logger="optimizely_odp_ext.testing.client"):
+        client = make_client(server)
+        client.send_odp_event("", {"fs_user_id": "u1"})
+        client.close()
+    assert "ODP action is not valid (cannot be empty)." in caplog.messages
+    assert any(line.startswith("ODP event manager closed") for line in caplog.messages)
+
+
 def test_make_client_install_options_override_the_test_defaults() -> None:
     with FakeOdpServer() as server:
         client = make_client(server, batch_size=2, flush_interval=10.0)
