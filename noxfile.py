@@ -16,7 +16,7 @@ nox.options.reuse_existing_virtualenvs = True
 # The interpreter's own venv module: current virtualenv releases cannot seed Python 3.8.
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "typecheck", "tests", "tests_python", "examples", "celery", "dist"]
+nox.options.sessions = ["lint", "typecheck", "tests", "tests_python", "examples", "recipes", "dist"]
 
 MAIN_PYTHON = "3.11"
 OTHER_PYTHONS = ["3.8", "3.9", "3.10", "3.12", "3.13"]
@@ -28,6 +28,12 @@ SDKS = {
 # Ranges, not pins: the newest pytest and hypothesis have dropped the oldest Pythons of the matrix,
 # and pip picks the newest release each interpreter supports.
 TEST_TOOLS = ["pytest>=7.4,<10", "hypothesis>=6.80,<7"]
+# The frameworks the recipes in examples/ run under (the `recipes` session only; never a dependency).
+# uwsgi has no wheels: pip compiles it (needs gcc and the Python headers).
+RECIPE_FRAMEWORKS = [
+    "fastapi>=0.110,<1", "uvicorn>=0.29,<1", "flask>=3,<4", "gunicorn>=22,<24", "django>=4.2,<6",
+    "uwsgi>=2.0.24,<2.1", "prometheus_client>=0.20,<1", "celery>=5.3,<6",
+]
 
 
 @contextlib.contextmanager
@@ -82,27 +88,27 @@ def tests_python(session: nox.Session) -> None:
 
 @nox.session(python=MAIN_PYTHON)
 def examples(session: nox.Session) -> None:
-    """Every script in examples/ runs against the embedded fake server and exits 0."""
+    """Every script in examples/ runs against the embedded fake server and exits 0; the framework
+    recipes (a ``# Run it: pip install ...`` line) run in the `recipes` session instead."""
     _install(session, "5.7")
     import pathlib
 
     for script in sorted(pathlib.Path("examples").glob("[0-9]*.py")):
-        session.run("python", str(script))
+        if "# Run it: pip install" not in script.read_text():
+            session.run("python", str(script))
 
 
 @nox.session(python=MAIN_PYTHON)
-def celery(session: nox.Session) -> None:
-    """The Celery recipe: real workers (prefork with and without recycling, solo, threads) and its example.
-
-    Celery is a test-only dependency, installed here only; elsewhere these tests are skipped.
-    """
-    _install(session, "5.7", "celery>=5.3,<6", "pytest>=7.4,<10")
-    session.run("python", "-m", "pytest", "-q", "-m", "recipes", "tests/recipes/test_celery.py", *session.posargs)
+def recipes(session: nox.Session) -> None:
+    """The framework recipes in examples/ under real uvicorn, gunicorn, uWSGI, Django, Prometheus."""
+    _install(session, "5.7", *TEST_TOOLS, *RECIPE_FRAMEWORKS)
+    session.run("python", "-m", "pytest", "-q", "-m", "recipes", "tests/recipes", *session.posargs)
 
 
 @nox.session(python=MAIN_PYTHON)
 def dist(session: nox.Session) -> None:
-    """Builds the wheel and sdist, installs the wheel in this clean venv, and smoke-tests it."""
+    """Builds the wheel and sdist, installs the wheel in this clean venv, smoke-tests it, and runs a
+    user's project on it (tools/user_project: pytest with odp_client, mypy --strict)."""
     import glob
     import shutil
 
@@ -110,7 +116,19 @@ def dist(session: nox.Session) -> None:
     session.install("build==1.6.1")
     with _install_lock():
         session.run("python", "-m", "build", "--outdir", "dist", ".")
-    wheel = glob.glob("dist/*.whl")[0]
-    session.install(wheel, SDKS["5.7"])
-    session.chdir(session.create_tmp())
+    wheel = os.path.abspath(glob.glob("dist/*.whl")[0])
+    session.install(wheel, SDKS["5.7"], "pytest>=7.4,<10", "mypy==2.4.1")
+    session.install("--force-reinstall", "--no-deps", wheel)  # a reused venv may hold an older build
+    # A user's project outside the repository: pytest with the odp_client fixture, mypy --strict
+    # with odp(client), on the latest SDK and on 4.1.1 (which ships no types of its own).
+    project = os.path.join(session.create_tmp(), "user_project")
+    shutil.rmtree(project, ignore_errors=True)
+    shutil.copytree("tools/user_project", project)
+    session.chdir(project)
     session.run("python", "-m", "optimizely_odp_ext", "smoke")
+    for sdk in ("5.7", "4.1.1"):
+        session.install(SDKS[sdk])
+        session.run("python", "-m", "pytest", "-q")
+        session.run("python", "-m", "mypy")
+        # bad_types.py misuses the plugin's methods: mypy must refuse it (exit 1), or they are Any.
+        session.run("python", "-m", "mypy", "bad_types.py", success_codes=[1])

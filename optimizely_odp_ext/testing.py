@@ -1,32 +1,43 @@
-"""A fake Optimizely Data Platform (ODP) server for tests.
+"""A fake Optimizely Data Platform (ODP) server and helpers for testing your application.
 
 :class:`FakeOdpServer` is a real HTTP/1.1 server on a local port that speaks the
 subset of the ODP REST API this package uses (``POST /v3/events``). It checks
 every request as strictly as the real service does, records what it accepted,
 and can be told to misbehave (slow answers, 5xx, 429, hung requests, reset
 connections, rejected events). The module itself imports only the standard
-library.
+library (optimizely-sdk only inside :func:`make_client`, pytest only for the fixtures).
 
-Basic use (``datafile_with_odp`` stands for however your test builds a datafile whose
-ODP integration has ``host=server.url`` and ``publicKey=server.api_key``)::
+Helpers:
 
-    import optimizely_odp_ext
-    from optimizely import optimizely
-    from optimizely_odp_ext.testing import FakeOdpServer
+- :func:`odp_datafile` builds a datafile (valid for every supported optimizely-sdk)
+  whose ODP integration points at a host with a key;
+- :func:`make_client` builds an Optimizely client from that datafile (no network: no
+  CDN polling, Optimizely's own decision events go nowhere) with the plugin installed,
+  sending to a :class:`FakeOdpServer`.
 
-    with FakeOdpServer(api_key="my-public-key") as server:
-        client = optimizely.Optimizely(datafile_with_odp(server.url, server.api_key))
-        optimizely_odp_ext.install(client)
+Basic use::
+
+    from optimizely_odp_ext import odp
+    from optimizely_odp_ext.testing import FakeOdpServer, make_client
+
+    with FakeOdpServer() as server:
+        client = make_client(server)
         client.send_odp_event("purchased", {"fs_user_id": "user123"})
-        assert server.wait_for_events(1, timeout=5)
+        assert odp(client).flush_odp_events(timeout=5)
         assert server.events[0]["action"] == "purchased"
+        client.close()
 
-As a pytest fixture (the package registers this module as a pytest plugin, so
-no import is needed once it is installed)::
+As pytest fixtures (the package registers this module as a pytest plugin, so no
+import is needed once it is installed): ``fake_odp_server``, a started server, and
+``odp_client``, a :func:`make_client` client sending to it. At teardown
+``odp_client`` is closed, and the test fails if any event the client accepted was
+not delivered (``@pytest.mark.odp_allow_undelivered`` turns that check off, for
+tests that make delivery fail on purpose)::
 
-    def test_flush(fake_odp_server):
-        ...
-        assert fake_odp_server.wait_for_events(3)
+    def test_checkout_sends_purchase(odp_client, fake_odp_server):
+        checkout(odp_client)                    # your code calls send_odp_event
+        assert odp(odp_client).flush_odp_events(timeout=5)
+        assert fake_odp_server.events[0]["action"] == "purchased"
 
 Fault injection (thread-safe; may be changed while clients are sending)::
 
@@ -67,6 +78,7 @@ import datetime
 import gzip
 import http
 import json
+import logging
 import math
 import socket
 import struct
@@ -78,9 +90,12 @@ from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, cast
 
-__all__ = ["EVENTS_PATH", "NO_RESPONSE", "FakeOdpServer", "RecordedRequest"]
+if TYPE_CHECKING:
+    from optimizely.optimizely import Optimizely
+
+__all__ = ["EVENTS_PATH", "NO_RESPONSE", "FakeOdpServer", "RecordedRequest", "make_client", "odp_datafile"]
 
 EVENTS_PATH = "/v3/events"
 """The only path the fake server answers (other paths get 404)."""
@@ -837,12 +852,96 @@ class FakeOdpServer:
             return self._reject
 
 
+# -- helpers for testing an application ---------------------------------------------------------
+
+# make_client()'s install options unless given: a test should not wait a second for a batch.
+_TEST_OPTIONS: Dict[str, Any] = {"flush_interval": 0.05, "close_timeout": 5.0}
+
+ALLOW_UNDELIVERED = "odp_allow_undelivered"
+"""The pytest marker that keeps ``odp_client`` from failing a test whose events were not all delivered."""
+
+
+def odp_datafile(host: str, api_key: str, **extra: Any) -> str:
+    """A datafile that every supported optimizely-sdk accepts, with ODP integrated at ``host``.
+
+    Args:
+        host: The ODP host, e.g. ``server.url`` of a :class:`FakeOdpServer`.
+        api_key: The ODP public key, e.g. ``server.api_key``.
+        **extra: Top-level datafile fields to add or replace, by their datafile names, e.g.
+            ``revision="2"`` or ``featureFlags=[...]``.
+
+    Returns:
+        The datafile as a JSON string (give it to ``Optimizely(datafile=...)``).
+    """
+    from ._datafile import datafile
+
+    data: Dict[str, Any] = json.loads(datafile(host, api_key))
+    data.update(extra)
+    return json.dumps(data)
+
+
+class _OfflineEventDispatcher:
+    """Optimizely's own decision and conversion events go nowhere: tests stay off the network."""
+
+    @staticmethod
+    def dispatch_event(event: Any) -> None:
+        """Discards the event."""
+
+
+def make_client(server: FakeOdpServer, **install_options: Any) -> Optimizely:
+    """An Optimizely client whose ODP events go to ``server``, with this plugin installed on it.
+
+    Built from :func:`odp_datafile` (no SDK key: nothing polls the CDN), with an event dispatcher
+    that discards Optimizely's own impression/conversion events, so nothing leaves the machine.
+    The client and the plugin log to the ``optimizely_odp_ext.testing.client`` logger (so pytest's
+    ``caplog`` sees their lines) unless ``logger`` is given. The caller closes it (the
+    ``odp_client`` fixture does).
+
+    Args:
+        server: A started :class:`FakeOdpServer`.
+        **install_options: Options for ``install(client, ...)``; by default ``flush_interval=0.05``
+            and ``close_timeout=5.0``. A ``logger`` is used by the client itself too.
+
+    Returns:
+        The client (``optimizely.optimizely.Optimizely``); ``optimizely_odp_ext.odp(client)`` types
+        the plugin's methods.
+    """
+    from optimizely import optimizely
+
+    from .extension import install
+
+    options = {**_TEST_OPTIONS, **install_options}
+    if options.get("logger") is None:
+        options["logger"] = logging.getLogger(f"{__name__}.client")
+    client = optimizely.Optimizely(datafile=odp_datafile(server.url, server.api_key),
+                                   logger=options["logger"], event_dispatcher=_OfflineEventDispatcher())
+    install(client, **options)
+    return client
+
+
+def _undelivered(stats: Dict[str, Any]) -> str:
+    """What went wrong with the accepted events, or "" when every one was delivered."""
+    missing = int(stats["accepted"]) - int(stats["delivered"])
+    if missing <= 0:
+        return ""
+    dropped = {reason: n for reason, n in stats["dropped"].items() if n}
+    return (f"{missing} of {stats['accepted']} ODP event(s) accepted by odp_client were not delivered "
+            f"(dropped: {dropped}, pending: {stats['pending']}); if the test means it, mark it "
+            f"@pytest.mark.{ALLOW_UNDELIVERED}")
+
+
 try:
     import pytest
-except ImportError:  # pragma: no cover - pytest is only needed for the fixture
+except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
     pytest = None  # type: ignore[assignment]
 
 if pytest is not None:
+
+    def pytest_configure(config: pytest.Config) -> None:
+        """Registers the ``odp_allow_undelivered`` marker (so ``--strict-markers`` accepts it)."""
+        config.addinivalue_line(
+            "markers", f"{ALLOW_UNDELIVERED}: the odp_client fixture does not fail the test when some "
+                       "of its events were not delivered")
 
     @pytest.fixture
     def fake_odp_server() -> Iterator[FakeOdpServer]:
@@ -852,3 +951,19 @@ if pytest is not None:
             yield server
         finally:
             server.stop()
+
+    @pytest.fixture
+    def odp_client(request: pytest.FixtureRequest, fake_odp_server: FakeOdpServer) -> Iterator[Optimizely]:
+        """A :func:`make_client` client sending to ``fake_odp_server``; closed after the test.
+
+        The test fails at teardown if an event the client accepted was not delivered, unless it is
+        marked ``@pytest.mark.odp_allow_undelivered``.
+        """
+        client = make_client(fake_odp_server)
+        try:
+            yield client
+        finally:
+            client.close()
+        if request.node.get_closest_marker(ALLOW_UNDELIVERED) is None:
+            problem = _undelivered(client.odp_event_stats())
+            assert not problem, problem

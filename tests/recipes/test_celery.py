@@ -182,7 +182,7 @@ print(before, os.WEXITSTATUS(status))
 
 
 def test_the_celery_example_runs() -> None:
-    example = HERE.parent.parent / "examples" / "04_celery.py"
+    example = HERE.parent.parent / "examples" / "10_celery.py"
     done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ODP received 500 of 500 events, each once" in done.stdout

@@ -1,6 +1,6 @@
 """Celery: events sent from tasks all reach ODP, also from prefork children recycled after 3 tasks.
 
-Run: ``pip install "celery>=5.3"`` then ``.venv/bin/python examples/04_celery.py`` (without Celery
+Run: ``pip install "celery>=5.3"`` then ``.venv/bin/python examples/10_celery.py`` (without Celery
 it says so and exits 0). The app and its tasks are in ``examples/celery_tasks.py``; this script
 plays the rest of the system: a fake ODP server, a broker in a temporary folder, a real
 ``celery worker`` (prefork, 2 processes, each replaced after 3 tasks), stopped with SIGTERM as a
