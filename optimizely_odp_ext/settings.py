@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from typing import Any, Dict, Optional, Tuple
 
 from typing_extensions import Literal
 
-OverflowPolicy = Literal["drop_newest", "drop_oldest"]
+OverflowPolicy = Literal["drop_newest", "drop_oldest", "block"]
 
 
 class ConfigurationError(ValueError):
@@ -32,7 +33,9 @@ class Options:
         queue_capacity: Events held in memory (waiting, or during an outage) before the overflow
             policy applies.
         overflow: ``"drop_newest"`` (default) refuses new events while full; ``"drop_oldest"``
-            makes room by dropping the oldest waiting event.
+            makes room by dropping the oldest waiting event; ``"block"`` makes the caller wait up
+            to ``block_timeout`` for room (for batch jobs), then drops the new event.
+        block_timeout: With ``overflow="block"``, seconds a caller waits for room at most.
         request_timeout: Seconds to wait for ODP's reply to one request.
         connect_timeout: Seconds to wait for a connection.
         max_in_flight: Requests in flight at once.
@@ -59,6 +62,7 @@ class Options:
     flush_interval: float = 1.0
     queue_capacity: int = 10_000
     overflow: OverflowPolicy = "drop_newest"
+    block_timeout: float = 10.0
     request_timeout: float = 5.0
     connect_timeout: float = 3.0
     max_in_flight: int = 4
@@ -89,14 +93,16 @@ class Options:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
         non_negative = ("flush_interval", "retry_window", "backoff_base", "backoff_max",
-                        "retry_after_max", "close_timeout")
+                        "retry_after_max", "close_timeout", "block_timeout")
         for name in non_negative:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}.")
-        if self.overflow not in ("drop_newest", "drop_oldest"):
+        if not math.isfinite(self.block_timeout):
+            raise ConfigurationError(f"block_timeout must be a finite number, got {self.block_timeout!r}.")
+        if self.overflow not in ("drop_newest", "drop_oldest", "block"):
             raise ConfigurationError(
-                f'overflow must be "drop_newest" or "drop_oldest", got {self.overflow!r}.')
+                f'overflow must be "drop_newest", "drop_oldest" or "block", got {self.overflow!r}.')
         if (self.api_host is None) != (self.api_key is None):
             raise ConfigurationError("api_host and api_key go together: give both or neither.")
 
