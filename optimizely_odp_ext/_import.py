@@ -16,6 +16,7 @@ The pieces, in the order an event meets them:
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import gzip
@@ -23,13 +24,16 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from .event import validate
 from .manager import EventManager
+from .settings import Options
+from .transport import Reply, RequestsTransport, Timeout, Transport
 
 # (line number, action, identifiers, type, data), or (line number, error) for an invalid line.
 Row = Tuple[int, Any, Any, Any, Optional[Dict[str, Any]]]
@@ -294,6 +298,111 @@ class CsvRows:
         writer.writerow(self.last)
 
 
+# --------------------------------------------------------------------------- acknowledgements
+
+# How encode() writes the id into a batch body (compact separators, a JSON string); a string value
+# cannot contain this sequence unescaped, so every match is an event's own idempotence_id.
+_ID_IN_BODY = re.compile(rb'"idempotence_id":"((?:[^"\\]|\\.)*)"')
+
+
+class Acks:
+    """Which lines ODP has acknowledged (a 2xx for their batch), to place the checkpoint exactly.
+
+    The importer registers each line's id before handing the event over; the transport acknowledges
+    the ids of every batch ODP accepted. :meth:`mark` is the last line before which every line was
+    acknowledged: what a re-run after a crash may skip. Memory is bounded by the lines in flight;
+    once anything is dropped the mark is frozen (:meth:`freeze`) and nothing more is kept.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: Dict[str, int] = {}  # id -> line, for lines handed over and not acknowledged
+        self._more: Dict[str, Deque[int]] = {}  # the rare id that several pending lines share
+        self._order: Deque[int] = collections.deque()  # pending lines, in file order
+        self._acked: Set[int] = set()  # acknowledged lines not yet at the front of _order
+        self._mark = 0
+        self._frozen = False
+
+    def start(self, line: int) -> None:
+        """A new input (or a resumed one): the mark starts at ``line``, nothing is pending."""
+        with self._lock:
+            self._mark = line
+            self._frozen = False
+            self._pending.clear()
+            self._more.clear()
+            self._order.clear()
+            self._acked.clear()
+
+    def add(self, event_id: str, line: int) -> None:
+        if self._frozen:
+            return
+        with self._lock:
+            if event_id in self._pending:
+                self._more.setdefault(event_id, collections.deque()).append(line)
+            else:
+                self._pending[event_id] = line
+            self._order.append(line)
+
+    def ack_body(self, body: bytes) -> None:
+        """Acknowledges every event of an accepted batch body."""
+        if self._frozen:
+            return
+        ids = [m if b"\\" not in m else json.loads(b'"' + m + b'"').encode() for m in _ID_IN_BODY.findall(body)]
+        with self._lock:
+            for raw in ids:
+                event_id = raw.decode()
+                line = self._pending.pop(event_id, None)
+                if line is None:
+                    continue
+                more = self._more.get(event_id)
+                if more:
+                    self._pending[event_id] = more.popleft()
+                    if not more:
+                        del self._more[event_id]
+                self._acked.add(line)
+
+    def mark(self) -> int:
+        with self._lock:
+            order, acked = self._order, self._acked
+            while order and order[0] in acked:
+                acked.discard(order[0])
+                self._mark = order.popleft()
+            return self._mark
+
+    def freeze(self) -> None:
+        """Something was dropped: the mark stays where it is, so a re-run re-sends from there."""
+        with self._lock:
+            self._frozen = True
+            self._pending.clear()
+            self._more.clear()
+            self._order.clear()
+            self._acked.clear()
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+
+class AckingTransport:
+    """The real transport, telling :class:`Acks` about every batch ODP accepted."""
+
+    def __init__(self, options: Options, acks: Acks) -> None:
+        self._inner: Transport = RequestsTransport(pool_size=options.max_in_flight, gzip_body=options.gzip)
+        self._acks = acks
+
+    def send(self, url: str, api_key: str, body: bytes, timeout: Timeout) -> Reply:
+        reply = self._inner.send(url, api_key, body, timeout)
+        if 200 <= reply.status < 300:
+            try:
+                self._acks.ack_body(body)
+            except Exception:  # bookkeeping must never fail a delivery; the mark just stays put
+                self._acks.freeze()
+        return reply
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 # --------------------------------------------------------------------------- checkpoint
 
 
@@ -357,14 +466,16 @@ class Importer:
 
     Args:
         manager: The event manager (``overflow="block"``), or None for a dry run.
+        acks: Told of each line handed over; its transport acknowledges them (see :class:`Acks`).
         report_invalid: Called with ``(source name, line number, reason)`` for each invalid line.
         rejects: Where invalid lines are copied (raw JSON line, or CSV row with a header first).
         max_errors: Stop reading after this many invalid lines (0: never).
     """
 
     def __init__(self, manager: Optional[EventManager], report_invalid: Callable[[str, int, str], None],
-                 rejects: Optional[IO[str]] = None, max_errors: int = 0) -> None:
+                 rejects: Optional[IO[str]] = None, max_errors: int = 0, acks: Optional[Acks] = None) -> None:
         self.manager = manager
+        self.acks = acks
         self.report_invalid = report_invalid
         self.rejects = rejects
         self.max_errors = max_errors
@@ -376,29 +487,40 @@ class Importer:
     def last_line(self) -> int:
         """The last line handed to the manager (or skipped by the checkpoint) in the current input."""
         return self._enqueued_line
-        self._rejects_header_for: Optional[str] = None
 
     def run(self, reader: Union[JsonLines, CsvRows], id_for: Optional[Callable[[int], str]],
-            checkpoint: Optional[Checkpoint]) -> None:
-        """Imports one input, from after the checkpoint's line; returns when every line is read."""
+            checkpoint: Optional[Checkpoint], window: int = 0) -> None:
+        """Imports one input, from after the checkpoint's line; returns when every line is read.
+
+        Args:
+            reader: The input.
+            id_for: Makes a line's ``idempotence_id`` (None: the manager draws random ones).
+            checkpoint: Where delivery progress is recorded (None: nowhere).
+            window: Lines read at most past the checkpoint (0: no limit), so that a crash re-sends
+                at most this many lines whatever the timing of replies.
+        """
         self.current = reader.source
         skip_to = checkpoint.line if checkpoint is not None else 0
         self.counts.skipped += skip_to
         self._enqueued_line = skip_to
-        saver = _CheckpointSaver(self, checkpoint) if checkpoint is not None and self.manager else None
-        if saver is not None:
+        saver = None
+        if checkpoint is not None and self.manager is not None and self.acks is not None and id_for is not None:
+            self.acks.start(skip_to)
+            saver = _CheckpointSaver(self.manager, self.acks, checkpoint)
             saver.start()
         try:
-            self._loop(reader, id_for, skip_to)
+            self._loop(reader, id_for, skip_to, saver, window)
         finally:
             if saver is not None:
                 saver.stop()
 
     def _loop(self, reader: Union[JsonLines, CsvRows], id_for: Optional[Callable[[int], str]],
-              skip_to: int) -> None:
+              skip_to: int, saver: Optional[_CheckpointSaver], window: int) -> None:
         counts = self.counts
         manager = self.manager
         enqueue = manager.enqueue if manager is not None else None
+        acks = self.acks if saver is not None else None
+        saved = saver.checkpoint if saver is not None and window > 0 else None
         for row in reader.rows(skip_to):
             counts.read += 1
             if len(row) == 2:
@@ -413,7 +535,13 @@ class Importer:
                 event = validate(action, identifiers, type_, data)
                 if isinstance(event, str):
                     self._invalid(reader, number, event)
+                elif event[3] is not None and not isinstance(event[3].get("idempotence_id", ""), str):
+                    self._invalid(reader, number, "idempotence_id must be a string")
                 elif enqueue is not None:
+                    if saved is not None and number - saved.line > window:
+                        saver.wait_for(number - window)  # type: ignore[union-attr]
+                    if acks is not None and event[3] is not None:
+                        acks.add(str(event[3]["idempotence_id"]), number)
                     enqueue(event)
                     counts.sent += 1
                     self._enqueued_line = number
@@ -430,18 +558,20 @@ class Importer:
 
 
 class _CheckpointSaver:
-    """Waits for delivery and records the checkpoint, on its own thread, while the import reads on.
+    """Records :meth:`Acks.mark` in the checkpoint as it advances, on its own thread.
 
-    Each pass reads the last line handed to the manager, then waits (``flush``) until everything
-    handed to it before is delivered: only then is that line recorded, so the checkpoint never
-    runs ahead of delivery. It stops advancing at the first drop, so a re-run re-sends from there.
+    The mark only covers lines ODP acknowledged, so the checkpoint never runs ahead of delivery;
+    after the first drop it stops advancing, so a re-run re-sends from there.
     """
 
-    _PAUSE = 0.05  # seconds between passes, so a fast import is not turned into tiny batches
+    _INTERVAL = 0.02  # seconds between looks at the mark: what a crash re-sends is what ODP acknowledged in it
 
-    def __init__(self, importer: Importer, checkpoint: Checkpoint) -> None:
-        self._importer = importer
-        self._checkpoint = checkpoint
+    def __init__(self, manager: EventManager, acks: Acks, checkpoint: Checkpoint) -> None:
+        self._manager = manager
+        self._acks = acks
+        self.checkpoint = checkpoint
+        self._saved = threading.Condition(threading.Lock())
+        self._dropped_before = _dropped(manager)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="odp-import-checkpoint", daemon=True)
         self.error: Optional[BaseException] = None
@@ -452,22 +582,33 @@ class _CheckpointSaver:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(30.0)
+        if not self._thread.is_alive() and self.error is None:
+            self._look()  # the last word: what was acknowledged until now
 
     def _run(self) -> None:
-        manager = self._importer.manager
-        assert manager is not None
-        checkpoint = self._checkpoint
-        while not self._stop.wait(self._PAUSE):
-            line = self._importer._enqueued_line
-            if line <= checkpoint.line:
-                continue
-            if not manager.flush(1.0) or _dropped(manager):
-                continue
+        while not self._stop.wait(self._INTERVAL) and self.error is None:
+            self._look()
+        with self._saved:
+            self._saved.notify_all()
+
+    def _look(self) -> None:
+        if _dropped(self._manager) > self._dropped_before:
+            self._acks.freeze()  # the mark cannot pass a dropped line anyway; stop keeping the rest
+        mark = self._acks.mark()
+        if mark > self.checkpoint.line:
             try:
-                checkpoint.save(line)
+                self.checkpoint.save(mark)
             except OSError as exc:
                 self.error = exc
-                return
+            with self._saved:
+                self._saved.notify_all()
+
+    def wait_for(self, line: int) -> None:
+        """Waits until the checkpoint reaches ``line``, or can no longer advance (a drop, an error)."""
+        with self._saved:
+            while (self.checkpoint.line < line and not self._acks.frozen and self.error is None
+                   and not self._stop.is_set()):
+                self._saved.wait(0.1)
 
 
 def _dropped(manager: EventManager) -> int:

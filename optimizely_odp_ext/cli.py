@@ -22,6 +22,8 @@ from typing import IO, Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 from . import _compat
 from ._import import (
     CONVERTERS,
+    AckingTransport,
+    Acks,
     BadInput,
     Checkpoint,
     CsvMapping,
@@ -156,7 +158,8 @@ def _cli_logger(quiet: bool) -> logging.Logger:
     return logger
 
 
-def _manager(args: argparse.Namespace, host: str, key: str, logger: logging.Logger, **extra: Any) -> Any:
+def _manager(args: argparse.Namespace, host: str, key: str, logger: logging.Logger,
+             acks: Optional[Acks] = None, **extra: Any) -> Any:
     from .manager import EventManager
     from .settings import ConfigurationError, make_options
 
@@ -166,7 +169,9 @@ def _manager(args: argparse.Namespace, host: str, key: str, logger: logging.Logg
                                flush_at_exit=False, **extra)
     except ConfigurationError as exc:
         raise UsageError(str(exc)) from None
-    return EventManager(options, logger)
+    if acks is None:
+        return EventManager(options, logger)
+    return EventManager(options, logger, transport_factory=lambda opts: AckingTransport(opts, acks))
 
 
 def _reasons(dropped: Dict[str, int]) -> str:
@@ -323,17 +328,20 @@ def _import(args: argparse.Namespace) -> int:
         raise UsageError("--max-errors must be >= 0 and --progress-interval > 0")
     plan = _plan(args, mapping)
     manager = None
+    acks = Acks()
     if not args.dry_run:
         host, key = _credentials(args)
         manager = _manager(
-            args, host, key, _cli_logger(args.quiet), overflow="block", queue_capacity=args.queue_size,
+            args, host, key, _cli_logger(args.quiet), acks, overflow="block", queue_capacity=args.queue_size,
             batch_size=args.batch_size, max_in_flight=args.concurrency, flush_interval=0.2,
             # Backpressure, not drops: an outage longer than the retry window drops batches as
             # retry_expired, which frees room, so waiting a little longer than that always ends.
             block_timeout=args.retry_window + 2 * args.request_timeout + 5.0)
     resuming = any(i.checkpoint is not None and i.checkpoint.line > 0 for i in plan)
     rejects: Optional[IO[str]] = rejects_writer(args.rejects, resuming) if args.rejects else None
-    importer = Importer(manager, _report_invalid(args.quiet), rejects, args.max_errors)
+    # What a crash may re-send at most: the lines read ahead plus the requests in flight.
+    window = args.queue_size + (args.concurrency + 1) * args.batch_size
+    importer = Importer(manager, _report_invalid(args.quiet), rejects, args.max_errors, acks)
     progress = _Progress(importer, manager, args.progress_interval, args.quiet)
     started = time.monotonic()
     finished = True
@@ -346,7 +354,7 @@ def _import(args: argparse.Namespace) -> int:
             source = open_source(item.name)
             try:
                 reader = CsvRows(source, mapping) if item.format == "csv" else JsonLines(source)
-                importer.run(reader, item.ids, item.checkpoint)
+                importer.run(reader, item.ids, item.checkpoint, window)
             finally:
                 source.close()
             if manager is not None:
