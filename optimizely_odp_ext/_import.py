@@ -384,15 +384,22 @@ class Acks:
 
 
 class AckingTransport:
-    """The real transport, telling :class:`Acks` about every batch ODP accepted."""
+    """The real transport, telling :class:`Acks` about every batch ODP accepted.
 
-    def __init__(self, options: Options, acks: Acks) -> None:
+    Attributes:
+        last_failure: The last reply that was not a 2xx, for the command line's error line.
+    """
+
+    def __init__(self, options: Options, acks: Optional[Acks]) -> None:
         self._inner: Transport = RequestsTransport(pool_size=options.max_in_flight, gzip_body=options.gzip)
         self._acks = acks
+        self.last_failure: Optional[Reply] = None
 
     def send(self, url: str, api_key: str, body: bytes, timeout: Timeout) -> Reply:
         reply = self._inner.send(url, api_key, body, timeout)
-        if 200 <= reply.status < 300:
+        if not 200 <= reply.status < 300:
+            self.last_failure = reply
+        elif self._acks is not None:
             try:
                 self._acks.ack_body(body)
             except Exception:  # bookkeeping must never fail a delivery; the mark just stays put

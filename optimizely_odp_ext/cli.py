@@ -144,24 +144,29 @@ def _from_datafile(path: Optional[str], sdk_key: Optional[str]) -> Tuple[str, st
     return host, key
 
 
-def _cli_logger(quiet: bool) -> logging.Logger:
-    """The event manager's logger: its warnings (delivery failing, retrying) go to stderr."""
+def _cli_logger(quiet: bool, *left_out: str) -> logging.Logger:
+    """The event manager's logger: its warnings (delivery failing, retrying) go to stderr.
+
+    Lines starting with one of ``left_out`` are not printed (the command prints its own).
+    """
     logger = logging.getLogger("optimizely_odp_ext.cli")
     logger.propagate = False
     logger.handlers[:] = []
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     # The closing line repeats what the summary says: left out.
-    handler.addFilter(lambda record: not record.getMessage().startswith("ODP event manager closed"))
+    prefixes = ("ODP event manager closed", *left_out)
+    handler.addFilter(lambda record: not record.getMessage().startswith(prefixes))
     logger.addHandler(handler)
     logger.setLevel(logging.ERROR if quiet else logging.WARNING)
     return logger
 
 
 def _manager(args: argparse.Namespace, host: str, key: str, logger: logging.Logger,
-             acks: Optional[Acks] = None, **extra: Any) -> Any:
+             acks: Optional[Acks] = None, **extra: Any) -> Tuple[Any, List[AckingTransport]]:
+    """An event manager sending to ``host``, and (once it sends) its transport, for the last failure."""
     from .manager import EventManager
-    from .settings import ConfigurationError, make_options
+    from .settings import ConfigurationError, Options, make_options
 
     try:
         options = make_options(api_host=host, api_key=key, allow_insecure_http=args.allow_insecure_http,
@@ -169,9 +174,13 @@ def _manager(args: argparse.Namespace, host: str, key: str, logger: logging.Logg
                                flush_at_exit=False, **extra)
     except ConfigurationError as exc:
         raise UsageError(str(exc)) from None
-    if acks is None:
-        return EventManager(options, logger)
-    return EventManager(options, logger, transport_factory=lambda opts: AckingTransport(opts, acks))
+    transports: List[AckingTransport] = []
+
+    def transport(opts: Options) -> AckingTransport:
+        transports.append(AckingTransport(opts, acks))
+        return transports[-1]
+
+    return EventManager(options, logger, transport_factory=transport), transports
 
 
 def _reasons(dropped: Dict[str, int]) -> str:
@@ -331,7 +340,7 @@ def _import(args: argparse.Namespace) -> int:
     acks = Acks()
     if not args.dry_run:
         host, key = _credentials(args)
-        manager = _manager(
+        manager, _ = _manager(
             args, host, key, _cli_logger(args.quiet), acks, overflow="block", queue_capacity=args.queue_size,
             batch_size=args.batch_size, max_in_flight=args.concurrency, flush_interval=0.2,
             # Backpressure, not drops: an outage longer than the retry window drops batches as
@@ -421,7 +430,9 @@ def _send(args: argparse.Namespace) -> int:
     event = validate(args.action, _pairs(args.identifier, "--identifier"), args.type, data)
     if isinstance(event, str):
         raise UsageError(event)
-    manager = _manager(args, host, key, _cli_logger(args.quiet), flush_interval=0)
+    # The library's give-up line is replaced by one line with the root cause, below.
+    manager, transports = _manager(args, host, key, _cli_logger(args.quiet, "ODP event send failed"),
+                                   flush_interval=0)
     try:
         manager.enqueue(event)
         done = manager.flush(args.retry_window + 2 * args.request_timeout + 5.0)
@@ -432,7 +443,12 @@ def _send(args: argparse.Namespace) -> int:
         print(f"delivered 1 event to {host} (ODP answered 202)")
         return _EXIT_OK
     why = _reasons(stats["dropped"]) or ("delivery did not finish in time" if not done else "unknown")
-    print(f"{PROG}: error: the event was not delivered ({why}); the line above says why", file=sys.stderr)
+    last = transports[0].last_failure if transports else None
+    cause = ""
+    if last is not None:
+        cause = f"; last attempt: {last.detail}" if last.status == 0 else f"; ODP answered HTTP {last.status}"
+        cause += f": {last.detail.strip()}" if last.status and last.detail.strip() else ""
+    print(f"{PROG} send: error: the event was not delivered ({why}){cause}", file=sys.stderr)
     return _EXIT_SOME_LOST
 
 
@@ -460,18 +476,22 @@ def _fake_server(args: argparse.Namespace) -> int:
         try:
             while True:
                 time.sleep(0.2)  # polling the record: the server has no per-request hook
-                requests = server.requests
-                if not args.quiet:
-                    for request in requests[seen:]:
-                        print(f"{request.path} -> {request.status or 'no answer'} ({len(request.body):,} bytes)",
-                              flush=True)
-                seen = len(requests)
+                seen = _print_requests(server, seen, args.quiet)
         except KeyboardInterrupt:
-            pass
+            _print_requests(server, seen, args.quiet)
         print(f"received {len(server.events)} event(s) in {len(server.requests)} request(s)")
     finally:
         server.stop()
     return _EXIT_OK
+
+
+def _print_requests(server: Any, seen: int, quiet: bool) -> int:
+    """Prints the requests received since the first ``seen``; returns how many there are now."""
+    requests = server.requests
+    if not quiet:
+        for request in requests[seen:]:
+            print(f"{request.path} -> {request.status or 'no answer'} ({len(request.body):,} bytes)", flush=True)
+    return len(requests)
 
 
 def _demo(strict: bool) -> int:
