@@ -270,8 +270,14 @@ class _Progress:
         if sys.stderr.isatty():
             try:
                 tqdm = importlib.import_module("tqdm")
+                try:
+                    size = os.get_terminal_size(sys.stderr.fileno())
+                    known = size.columns > 0 and size.lines > 0
+                except OSError:
+                    known = False
+                # A terminal that does not tell its size (0 x 0) would get no bar at all from tqdm.
                 self._bar = tqdm.tqdm(total=None, unit="B", unit_scale=True, file=sys.stderr, leave=False,
-                                      dynamic_ncols=True)
+                                      dynamic_ncols=known, ncols=None if known else 120, nrows=None if known else 24)
                 self._interval = min(interval, 0.5)
             except ImportError:
                 pass

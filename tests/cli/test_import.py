@@ -13,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from optimizely_odp_ext._import import file_identity, line_ids
 from optimizely_odp_ext.testing import FakeOdpServer
 
@@ -45,8 +47,9 @@ def test_import_10000_jsonl_lines_then_a_rerun_sends_nothing(server: FakeOdpServ
     ids = by_line(server)
     assert ids == dict(zip(range(1, 10_001), expected_ids(path, range(1, 10_001))))
     assert len(server.events) == 10_000  # one each
-    assert server.events[0]["identifiers"] == {"fs_user_id": "user-1"}
-    assert server.events[0]["data"]["data_source"] == "python-sdk"
+    first = next(e for e in server.events if e["data"]["line"] == 1)
+    assert first["identifiers"] == {"fs_user_id": "user-1"}
+    assert first["data"]["data_source"] == "python-sdk"
     checkpoint = json.loads((tmp_path / "events.jsonl.odp-checkpoint").read_text())
     assert (checkpoint["line"], checkpoint["complete"]) == (10_000, True)
 
@@ -210,3 +213,44 @@ def test_outage_is_waited_out_not_dropped(server: FakeOdpServer, tmp_path: Path)
     assert time.monotonic() - started >= 1.0
     assert summary(result)["delivered"] == 3_000
     assert len(set(event_ids(server))) == 3_000
+
+
+def test_progress_bar_on_a_terminal(server: FakeOdpServer, tmp_path: Path) -> None:
+    """With the ``cli`` extra (tqdm) and standard error on a terminal, progress is a bar."""
+    pytest.importorskip("tqdm")
+    import pty
+    import threading
+
+    path = write_jsonl(tmp_path / "events.jsonl", 2_000)
+    server.set_latency(0.02)
+    main, secondary = pty.openpty()
+    chunks: list = []  # type: ignore[type-arg]
+
+    def read_terminal() -> None:  # drained while the CLI runs: a full terminal buffer would block it
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the CLI closed its end
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.Popen(cli_command("import", *target(server), "--batch-size", "50", "--concurrency", "1",
+                                            str(path)),
+                                env=cli_env(), stdout=subprocess.PIPE, stderr=secondary)
+        os.close(secondary)
+        out, _ = proc.communicate(timeout=60)
+        reader.join(10)
+    finally:
+        os.close(main)
+    assert proc.returncode == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "\r" in screen  # redrawn in place, not printed line by line
+    assert "delivered" in screen
+    assert "events/s" in screen
+    assert "optimizely-odp-ext import:" not in screen  # no plain progress lines on a terminal
+    assert "delivered" in out.decode()
