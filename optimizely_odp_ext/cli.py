@@ -56,8 +56,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(_EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples' line breaks and shows each flag's default."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and shows each flag's default (when it has a telling one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or isinstance(action.default, bool):
+            return text
+        if action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -250,6 +258,8 @@ def _plan(args: argparse.Namespace, mapping: CsvMapping) -> List[_Input]:
                 raise UsageError("a checkpoint for standard input needs --source-id NAME (the ids derive from it)")
             if path and identity:
                 checkpoint = (Checkpoint.load(path, identity) if args.resume else None) or Checkpoint(path, identity)
+                if checkpoint.line == 0 and not checkpoint.complete:
+                    _save(checkpoint, 0)  # now, so a checkpoint that cannot be written stops us before sending
         plan.append(_Input(name, fmt, checkpoint, ids))
     return plan
 
@@ -389,8 +399,16 @@ def _settle(manager: Any, item: _Input, last_line: int, args: argparse.Namespace
     """Waits for one file's events; marks its checkpoint complete when all of them were delivered."""
     done: bool = manager.flush(args.retry_window + 2 * args.request_timeout + 5.0)
     if done and item.checkpoint is not None and not sum(manager.stats()["dropped"].values()):
-        item.checkpoint.save(last_line, complete=True)
+        _save(item.checkpoint, last_line, complete=True)
     return done
+
+
+def _save(checkpoint: Checkpoint, line: int, complete: bool = False) -> None:
+    try:
+        checkpoint.save(line, complete)
+    except OSError as exc:
+        raise UsageError(f"cannot write checkpoint {checkpoint.path}: {exc.strerror or exc} "
+                         "(choose another place with --checkpoint PATH)") from None
 
 
 def _summary(importer: Importer, manager: Any, seconds: float, finished: bool, dry_run: bool) -> int:
@@ -567,7 +585,18 @@ examples:
 """
 
 
-def _delivery_flags(parser: argparse.ArgumentParser) -> None:
+_MAIN_EPILOG = f"""\
+examples:
+  {PROG} import --help
+  {PROG} import --host https://api.zaius.com events.jsonl     # key from ${KEY_ENV}
+  {PROG} send --host https://api.zaius.com --action login -i fs_user_id=user123
+  {PROG} fake-server --port 8765
+
+exit status: 0 all delivered; 1 some dropped or invalid; 2 usage or configuration error.
+"""
+
+
+def _delivery_flags(parser: argparse.ArgumentParser, retry_window: float) -> None:
     group = parser.add_argument_group("where to send (one of)")
     group.add_argument("--host", metavar="URL", help="the ODP host, e.g. https://api.zaius.com (with --key)")
     group.add_argument("--key", metavar="KEY",
@@ -579,7 +608,7 @@ def _delivery_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-insecure-http", action="store_true",
                        help="allow plain http to a host that is not this machine (the key travels unencrypted)")
     tuning = parser.add_argument_group("delivery")
-    tuning.add_argument("--retry-window", type=float, default=300.0, metavar="SECONDS",
+    tuning.add_argument("--retry-window", type=float, default=retry_window, metavar="SECONDS",
                         help="how long a failing batch is retried before it is dropped")
     tuning.add_argument("--request-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for ODP's answer to one request")
@@ -587,19 +616,21 @@ def _delivery_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=_Formatter)
+    parser = _Parser(prog=PROG, formatter_class=_Formatter, epilog=_MAIN_EPILOG,
+                     description="Send Optimizely Data Platform (ODP) events from the command line: bulk imports\n"
+                                 "from files, single events, and a fake ODP server for local development.")
     parser.add_argument("--version", action="version",
                         version=f"{PROG} {__version__} (optimizely-sdk {_compat.sdk_version()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     imp = sub.add_parser("import", help="send events from JSON Lines or CSV files", formatter_class=_Formatter,
-                         description="Send events from JSON Lines or CSV files (gzip by the .gz suffix, - for "
+                         description="Send events from JSON Lines or CSV files (gzip by the .gz suffix, - for\n"
                                      "standard input) through the same reliable event manager as send_odp_event.",
                          epilog=_IMPORT_EXAMPLES)
     imp.add_argument("files", nargs="+", metavar="FILE", help="input files; - reads standard input")
     imp.add_argument("--format", choices=("jsonl", "csv"),
                      help="input format; default: by the file name (.csv or .tsv is CSV, anything else JSON Lines)")
-    _delivery_flags(imp)
+    _delivery_flags(imp, 300.0)
     mapping = imp.add_argument_group("CSV columns")
     mapping.add_argument("--identifier", "-i", action="append", metavar="ODP_KEY=COLUMN",
                          help="an identifier from a column, e.g. email=Email (repeat for more)")
@@ -613,11 +644,13 @@ def _build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--delimiter", default=",", help="the CSV field separator")
     run = imp.add_argument_group("resume, errors, progress")
     run.add_argument("--checkpoint", metavar="PATH", help="the checkpoint file; default: FILE.odp-checkpoint")
+    run.add_argument("--resume", dest="resume", action="store_true", default=True,
+                     help="skip what an earlier run had delivered, when a checkpoint exists")
     run.add_argument("--no-resume", dest="resume", action="store_false",
                      help="ignore an existing checkpoint and send everything again")
     run.add_argument("--source-id", metavar="NAME",
-                     help="derive the idempotence_ids from NAME instead of the file's content (needed to "
-                          "resume standard input)")
+                     help="derive the idempotence_ids from NAME instead of the file's content; standard "
+                          "input needs it for repeatable ids and a checkpoint (else its ids are random)")
     run.add_argument("--dry-run", action="store_true", help="check every line and report errors; send nothing")
     run.add_argument("--rejects", metavar="FILE", help="copy invalid lines here, to fix and import again")
     run.add_argument("--max-errors", type=int, default=0, metavar="N",
@@ -640,7 +673,7 @@ def _build_parser() -> argparse.ArgumentParser:
     send.add_argument("--data", "-d", action="append", metavar="KEY[:TYPE]=VALUE",
                       help="a data field, TYPE str, int, float or bool, e.g. price:float=50")
     send.add_argument("--data-json", metavar="JSON", help='data as a JSON object, e.g. \'{"price": 50}\'')
-    _delivery_flags(send)
+    _delivery_flags(send, 30.0)
 
     fake = sub.add_parser("fake-server", help="run a fake ODP server on 127.0.0.1 for local development",
                           formatter_class=_Formatter, epilog=_FAKE_EXAMPLES,

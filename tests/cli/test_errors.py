@@ -63,6 +63,9 @@ CASES = {
                                            "-d", "price:float=cheap"], "--data price:float='cheap': not a float"),
     "send: invalid event": (lambda s, t: ["send", *target(s), "--action", "", "-i", "fs_user_id=u"],
                             "ODP action is not valid (cannot be empty)."),
+    "checkpoint cannot be written": (lambda s, t: ["import", *target(s), "--checkpoint", str(t / "no" / "cp"),
+                                                   str(write_jsonl(t / "e.jsonl", 1))],
+                                     "cannot write checkpoint {tmp}/no/cp: No such file or directory"),
     "missing command": (lambda s, t: [], "the following arguments are required: COMMAND"),
 }
 

@@ -254,3 +254,22 @@ def test_progress_bar_on_a_terminal(server: FakeOdpServer, tmp_path: Path) -> No
     assert "events/s" in screen
     assert "optimizely-odp-ext import:" not in screen  # no plain progress lines on a terminal
     assert "delivered" in out.decode()
+
+
+def test_a_dropped_event_holds_the_checkpoint_back_so_a_rerun_retries_it(server: FakeOdpServer,
+                                                                          tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "events.jsonl", 1_000)
+    server.reject_events(lambda event: event["data"]["line"] == 500)  # ODP refuses this one event (400)
+    result = run_cli("import", *target(server), "--quiet", str(path))
+    assert result.code == 1
+    assert summary(result) == {"lines": 1_000, "invalid": 0, "sent": 1_000, "delivered": 999, "dropped": 1}
+    assert "(1 rejected)" in result.out
+    checkpoint = json.loads((tmp_path / "events.jsonl.odp-checkpoint").read_text())
+    assert checkpoint["complete"] is False
+    assert checkpoint["line"] < 500
+
+    server.reject_events(None)  # fixed on ODP's side: the re-run sends from the checkpoint on
+    again = run_cli("import", *target(server), "--quiet", str(path))
+    assert again.code == 0, again.out
+    assert summary(again)["sent"] == 1_000 - checkpoint["line"]
+    assert set(by_line(server)) == set(range(1, 1_001))
