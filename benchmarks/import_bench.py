@@ -12,9 +12,10 @@ keeping them, so a million events do not fill this process). Each run is a fresh
   10,000 with ``overflow="block"``, batch 100, 4 requests in flight); events/s = distinct events the
   server received / the subprocess' wall time, interpreter start, hashing the file and the final flush
   included;
-* **loop**: a plain Optimizely client with ``optimizely_odp_ext.install(client)`` (every default: queue
-  10,000, ``overflow="drop_newest"``) calling ``client.send_odp_event`` for each line of the same file
-  (``json.loads`` then the call), then ``flush_odp_events()``; the same events/s, and what was dropped.
+* **loop** (and, for information, the same with ``overflow="block"``): a plain Optimizely client with
+  ``optimizely_odp_ext.install(client)`` (every default: queue 10,000, ``overflow="drop_newest"``) calling
+  ``client.send_odp_event`` for each line of the same file (``json.loads`` then the call), then
+  ``flush_odp_events()``; the same events/s, and what was dropped.
 
 RSS: the import of ``--rss-lines`` lines runs in a subprocess that calls ``optimizely_odp_ext.cli.main``
 itself, so it can read its own RSS before (all modules loaded) and its peak (``VmHWM``) after.
@@ -56,7 +57,7 @@ from optimizely import optimizely
 import optimizely_odp_ext
 from optimizely_odp_ext._datafile import datafile
 client = optimizely.Optimizely(datafile(sys.argv[1], sys.argv[2]))
-optimizely_odp_ext.install(client)
+optimizely_odp_ext.install(client, **json.loads(sys.argv[4]))
 started = time.monotonic()
 with open(sys.argv[3], "rb") as f:
     for raw in f:
@@ -127,11 +128,11 @@ def run_import(server: CountingServer, path: str, env: Dict[str, str]) -> Dict[s
             "summary": summary, "stderr": proc.stderr.decode()[-500:]}
 
 
-def run_loop(server: CountingServer, path: str, env: Dict[str, str]) -> Dict[str, Any]:
+def run_loop(server: CountingServer, path: str, env: Dict[str, str], **options: Any) -> Dict[str, Any]:
     server.clear()
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _LOOP, server.url, API_KEY, path], env=env, capture_output=True,
-                          timeout=1200, check=False)
+    proc = subprocess.run([sys.executable, "-c", _LOOP, server.url, API_KEY, path, json.dumps(options)], env=env,
+                          capture_output=True, timeout=1200, check=False)
     seconds = time.monotonic() - started
     out = json.loads(proc.stdout.decode().strip().splitlines()[-1]) if proc.returncode == 0 else {}
     return {"code": proc.returncode, "seconds": seconds, "received": server.count, "distinct": len(server.ids),
@@ -165,11 +166,14 @@ def joined(runs: List[Dict[str, Any]], key: str, fmt: str) -> str:
     return ", ".join(fmt.format(r[key]) for r in runs)
 
 
-def report(args: argparse.Namespace, imports: List[Dict[str, Any]], loops: List[Dict[str, Any]],
-           rss: Optional[Dict[str, Any]], load_before: str) -> str:
+def report(args: argparse.Namespace, runs: Dict[str, List[Dict[str, Any]]], rss: Optional[Dict[str, Any]],
+           load_before: str) -> str:
+    imports, loops, blocking = runs["import"], runs["loop"], runs["block"]
     imp = statistics.median(r["events_per_s"] for r in imports)
     loop = statistics.median(r["events_per_s"] for r in loops)
+    block = statistics.median(r["events_per_s"] for r in blocking)
     dropped = [sum((r["dropped"] or {}).values()) for r in loops]
+    block_dropped = [sum((r["dropped"] or {}).values()) for r in blocking]
     out = [
         BEGIN,
         "## Bulk import (issue 11): `optimizely-odp-ext import` vs a plain `send_odp_event` loop",
@@ -193,6 +197,9 @@ def report(args: argparse.Namespace, imports: List[Dict[str, Any]], loops: List[
         f"| plain loop: `install(client)` defaults, `json.loads` + `send_odp_event` per line, then "
         f"`flush_odp_events()` | {loop:,.0f} | {joined(loops, 'distinct', '{:,}')} | "
         f"{', '.join(format(d, ',') for d in dropped)} | {joined(loops, 'seconds', '{:.2f}')} |",
+        f"| for information: the same loop with `install(client, overflow=\"block\")` | {block:,.0f} | "
+        f"{joined(blocking, 'distinct', '{:,}')} | {', '.join(format(d, ',') for d in block_dropped)} | "
+        f"{joined(blocking, 'seconds', '{:.2f}')} |",
         "",
         f"Target: import >= {TARGET:,} events/s: **{'MET' if imp >= TARGET else 'NOT MET'}** ({imp:,.0f}); "
         f"import / loop = {imp / loop:.2f}x. The loop's drops are its default queue (10,000, "
@@ -248,13 +255,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_events(path, args.lines)
         imports: List[Dict[str, Any]] = []
         loops: List[Dict[str, Any]] = []
-        for i in range(args.repeats):  # interleaved, so both see the same machine load
+        blocking: List[Dict[str, Any]] = []
+        for i in range(args.repeats):  # interleaved, so all see the same machine load
             imports.append(run_import(server, path, env))
             loops.append(run_loop(server, path, env))
+            blocking.append(run_loop(server, path, env, overflow="block"))
             print(f"run {i + 1}: import {imports[-1]['events_per_s']:,.0f} events/s "
                   f"({imports[-1]['distinct']:,} received), loop {loops[-1]['events_per_s']:,.0f} events/s "
-                  f"({loops[-1]['distinct']:,} received)", flush=True)
-        failed = [r for r in imports + loops if r["code"] not in (0,)]
+                  f"({loops[-1]['distinct']:,} received), blocking loop {blocking[-1]['events_per_s']:,.0f} "
+                  f"events/s ({blocking[-1]['distinct']:,} received)", flush=True)
+        failed = [r for r in imports + loops + blocking if r["code"] != 0]
         rss = None
         if args.rss_lines:
             big = os.path.join(tmp, "big.jsonl")
@@ -262,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rss = run_rss(server, big, env)
             print(f"rss: {args.rss_lines:,} lines, growth {rss['growth_mib']:.1f} MiB, "
                   f"{rss['events_per_s']:,.0f} events/s", flush=True)
-    section = report(args, imports, loops, rss, load_before)
+    section = report(args, {"import": imports, "loop": loops, "block": blocking}, rss, load_before)
     print(section)
     write_results(section, args.output)
     for r in failed:
