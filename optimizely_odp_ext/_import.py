@@ -10,8 +10,10 @@ The pieces, in the order an event meets them:
   de-duplicates them;
 * :class:`Importer` validates each event as ``send_odp_event`` does and hands it to an
   :class:`~optimizely_odp_ext.manager.EventManager` with ``overflow="block"`` (backpressure, never a
-  drop), while a checkpoint thread waits for delivery and records, atomically, the last line before
-  which everything was delivered (:class:`Checkpoint`); a progress reporter prints to standard error.
+  drop), whose transport (:class:`AckingTransport`) tells :class:`Acks` which lines ODP accepted; a
+  checkpoint thread records, atomically, the last line before which ODP accepted everything
+  (:class:`Checkpoint`), and reading never runs more than a window of lines past it, which bounds
+  what a crash can make a re-run send twice.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import re
 import sys
 import threading
 import time
+import zlib
 from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from .event import validate
@@ -142,13 +145,21 @@ class JsonLines:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.last = b""  # the line being looked at, for the rejects file
+        self.number = 0  # its number
 
     def header_problem(self) -> Optional[str]:
         return None
 
     def rows(self, skip_to: int = 0) -> Iterator[Union[Row, Bad]]:
+        try:
+            yield from self._rows(skip_to)
+        except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt gzip stream, a read error
+            raise BadInput(f"cannot read {self.source.name} after line {self.number}: {exc}") from None
+
+    def _rows(self, skip_to: int) -> Iterator[Union[Row, Bad]]:
         loads = json.loads
         for number, raw in enumerate(self.source.stream, 1):
+            self.number = number
             if number <= skip_to or not raw.strip():
                 continue
             self.last = raw
@@ -286,7 +297,7 @@ class CsvRows:
                 yield (number, m.action if action_at is None else row[action_at],
                        {key: row[at] for key, at in ids if row[at]},
                        m.type if type_at is None else row[type_at], values)
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except (csv.Error, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
             raise BadInput(f"cannot read {self.source.name} after line {reader.line_num}: {exc}") from None
 
     def write_reject(self, out: IO[str]) -> None:
