@@ -47,10 +47,11 @@ def test_send_that_cannot_be_delivered_says_why_in_one_error_line(tmp_path: Path
                      "--retry-window", "0.5")
     assert result.code == 1
     errors = [line for line in result.err_lines if line.startswith("optimizely-odp-ext send: error:")]
-    assert errors == [
-        "optimizely-odp-ext send: error: the event was not delivered (1 retry_expired); last attempt: network "
-        f"error: NewConnectionError: HTTPConnection(host='127.0.0.1', port={port}): Failed to establish a new "
-        "connection: [Errno 111] Connection refused"]
+    assert len(errors) == 1
+    # The root cause in full (urllib3 2.x names host and port where 1.x shows the connection object).
+    assert errors[0].startswith("optimizely-odp-ext send: error: the event was not delivered (1 retry_expired); "
+                                "last attempt: network error: NewConnectionError: ")
+    assert errors[0].endswith("Failed to establish a new connection: [Errno 111] Connection refused")
     assert any("retrying" in line for line in result.err_lines)  # progress while retrying
 
 
