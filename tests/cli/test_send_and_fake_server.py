@@ -105,3 +105,23 @@ def test_fake_server_rate_limit_and_quiet(tmp_path: Path) -> None:
     finally:
         lines = _stop(proc)
     assert lines == ["received 1 event(s) in 3 request(s)"]  # two 429s, then the 202; nothing printed
+
+
+def test_fake_server_body_limit_and_resets() -> None:
+    proc, url = _start_fake_server("--max-body-bytes", "64", "--reset-every", "1")
+    try:
+        result = run_cli("send", "--host", url, "--action", "a", "-i", "fs_user_id=u", "--retry-window", "0.5")
+        assert result.code == 1
+    finally:
+        lines = _stop(proc)
+    assert lines[-1].startswith("received 0 event(s) in ")
+    assert all(line.endswith("bytes)") for line in lines[:-1])
+    assert {line.split(" -> ")[1].split(" (")[0] for line in lines[:-1]} == {"no answer"}  # every one reset
+    proc, url = _start_fake_server("--max-body-bytes", "64")
+    try:
+        result = run_cli("send", "--host", url, "--action", "a", "-i", "fs_user_id=u")
+        assert result.code == 1
+        assert "(1 too_large); ODP answered HTTP 413" in result.err
+    finally:
+        lines = _stop(proc)
+    assert lines[0].startswith("/v3/events -> 413 (")
