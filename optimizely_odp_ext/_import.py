@@ -374,15 +374,19 @@ class Acks:
 
     def mark(self) -> int:
         with self._lock:
-            order, acked = self._order, self._acked
-            while order and order[0] in acked:
-                acked.discard(order[0])
-                self._mark = order.popleft()
-            return self._mark
+            return self._advance()
+
+    def _advance(self) -> int:
+        order, acked = self._order, self._acked
+        while order and order[0] in acked:
+            acked.discard(order[0])
+            self._mark = order.popleft()
+        return self._mark
 
     def freeze(self) -> None:
         """Something was dropped: the mark stays where it is, so a re-run re-sends from there."""
         with self._lock:
+            self._advance()  # what was acknowledged in order so far still counts
             self._frozen = True
             self._pending.clear()
             self._more.clear()
@@ -455,7 +459,7 @@ class Checkpoint:
 
     def save(self, line: int, complete: bool = False) -> None:
         self.line, self.complete = line, complete
-        tmp = f"{self.path}.tmp{os.getpid()}"
+        tmp = f"{self.path}.tmp"  # a fixed name: one left by a killed run is simply overwritten
         payload = {"version": 1, "source": self.identity, "line": line, "complete": complete,
                    "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with open(tmp, "w", encoding="utf-8") as f:

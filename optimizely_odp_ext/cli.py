@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from typing import IO, Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import _compat
 from ._import import (
@@ -218,7 +218,8 @@ def _format_of(name: str, forced: Optional[str]) -> str:
 class _Input:
     """One FILE argument, checked before anything is sent."""
 
-    def __init__(self, name: str, fmt: str, checkpoint: Optional[Checkpoint], ids: Optional[Any]) -> None:
+    def __init__(self, name: str, fmt: str, checkpoint: Optional[Checkpoint],
+                 ids: Optional[Callable[[int], str]]) -> None:
         self.name = name
         self.format = fmt
         self.checkpoint = checkpoint
@@ -294,7 +295,7 @@ class _Progress:
         self._thread = threading.Thread(target=self._run, name="odp-import-progress", daemon=True)
         self._thread.start()
 
-    def _figures(self) -> Tuple[str, Optional[Source], float]:
+    def _figures(self) -> Tuple[str, Optional[Source]]:
         counts = self._importer.counts
         delivered = dropped = 0
         if self._manager is not None:
@@ -304,11 +305,11 @@ class _Progress:
         rate = (delivered if self._manager is not None else counts.read) / elapsed
         text = (f"read {counts.read:,}, delivered {delivered:,}, dropped {dropped:,}, invalid {counts.invalid:,}, "
                 f"{rate:,.0f} events/s")
-        return text, self._importer.current, rate
+        return text, self._importer.current
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            text, source, _ = self._figures()
+            text, source = self._figures()
             if self._bar is not None:
                 if source is not None and source.size:
                     self._bar.total = source.size
