@@ -198,7 +198,8 @@ class EventManager:
         self._low_water = 0
 
     def enqueue(self, pending: Pending) -> bool:
-        """Queues one validated event. Runs on the caller's thread: O(1), no I/O, no waiting.
+        """Queues one validated event. Runs on the caller's thread: O(1), no I/O, no waiting
+        (except with ``overflow="block"`` and a full queue: then up to ``block_timeout``).
 
         Returns:
             True when the event was accepted, False when it was discarded (and logged).
