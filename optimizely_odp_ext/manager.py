@@ -259,6 +259,9 @@ class EventManager:
         self._close_seen = False
         self._close_deadline = 0.0
         self._flush_waiters = 0
+        # overflow="block": callers waiting for room; the worker notifies only when there are some.
+        self._room = threading.Condition(threading.Lock())
+        self._room_waiters = 0
         # Counted by the caller's side, on rare paths only (under _count_lock).
         self._count_lock = threading.RLock()
         self._overflowed = 0
@@ -293,7 +296,8 @@ class EventManager:
         self._low_water = 0
 
     def enqueue(self, pending: Pending) -> bool:
-        """Queues one validated event. Runs on the caller's thread: O(1), no I/O, no waiting.
+        """Queues one validated event. Runs on the caller's thread: O(1), no I/O, no waiting
+        (except with ``overflow="block"`` and a full queue: then up to ``block_timeout``).
 
         Returns:
             True when the event was accepted, False when it was discarded (and logged).
@@ -334,6 +338,8 @@ class EventManager:
 
     def _overflow(self) -> bool:
         """The queue is full. Returns True when the new event may still be appended."""
+        if self.options.overflow == "block" and self._wait_for_room():
+            return True
         now = time.monotonic()
         with self._count_lock:
             self._overflowed += 1
@@ -354,6 +360,23 @@ class EventManager:
                     f"ODP event queue is full ({self._capacity} events); dropped {dropped} "
                     f"{'oldest' if make_room else 'new'} event(s) since the last warning.")
         return make_room
+
+    def _wait_for_room(self) -> bool:
+        """overflow="block": waits up to ``block_timeout`` for room. Returns True when there is room."""
+        deadline = time.monotonic() + self.options.block_timeout
+        with self._room:
+            self._room_waiters += 1
+            try:
+                # Closing lets the caller through: close() then delivers or counts the event.
+                while len(self._queue) + len(self._ready) >= self._capacity and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._finished:
+                        return False
+                    self._wake.set()  # a full queue is a full batch: the worker must be draining
+                    self._room.wait(min(remaining, _IDLE_WAKE))
+                return True
+            finally:
+                self._room_waiters -= 1
 
     def update_config(self, host: Optional[str], key: Optional[str], determined: bool) -> None:
         """Applies the ODP host and key of a (new) datafile. Events already queued keep theirs.
@@ -574,6 +597,8 @@ class EventManager:
                 _log.debug("transport close failed", exc_info=True)
         with self._flush_cond:
             self._flush_cond.notify_all()
+        with self._room:
+            self._room.notify_all()
         stats = self.stats()
         dropped = sum(stats["dropped"].values())
         line = (f"ODP event manager closed: {stats['delivered']} delivered, {dropped} dropped"
@@ -700,6 +725,9 @@ class EventManager:
         self._dispatch(now)
         self._update_low_water()
         self._seen_empty = not self._queue
+        if self._room_waiters:
+            with self._room:
+                self._room.notify_all()
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:

@@ -20,7 +20,7 @@ from typing_extensions import Literal, TypedDict, get_args
 
 from .transport import mask_key
 
-OverflowPolicy = Literal["drop_newest", "drop_oldest"]
+OverflowPolicy = Literal["drop_newest", "drop_oldest", "block"]
 # on_outcome(outcome, events, detail): see Options.on_outcome.
 OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
 # What spool_dir accepts; it is stored as a str.
@@ -46,7 +46,9 @@ class Options:
         queue_capacity: Events held in memory (waiting, or during an outage) before the overflow
             policy applies.
         overflow: ``"drop_newest"`` (default) refuses new events while full; ``"drop_oldest"``
-            makes room by dropping the oldest waiting event.
+            makes room by dropping the oldest waiting event; ``"block"`` makes the caller wait up
+            to ``block_timeout`` for room (for batch jobs), then drops the new event.
+        block_timeout: With ``overflow="block"``, seconds a caller waits for room at most.
         request_timeout: Seconds to wait for ODP's reply to one request.
         connect_timeout: Seconds to wait for a connection.
         max_in_flight: Requests in flight at once.
@@ -78,6 +80,7 @@ class Options:
     flush_interval: float = 1.0
     queue_capacity: int = 10_000
     overflow: OverflowPolicy = "drop_newest"
+    block_timeout: float = 10.0
     request_timeout: float = 5.0
     connect_timeout: float = 3.0
     max_in_flight: int = 4
@@ -110,12 +113,13 @@ class Options:
             if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
                 raise _invalid(name, getattr(self, name), "a positive finite number (seconds)")
         for name in ("flush_interval", "retry_window", "backoff_base", "backoff_max", "retry_after_max",
-                     "close_timeout"):
+                     "close_timeout", "block_timeout"):
             if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
                 raise _invalid(name, getattr(self, name), "a finite number >= 0 (seconds)")
         policies = get_args(OverflowPolicy)
         if self.overflow not in policies:
-            raise _invalid("overflow", self.overflow, " or ".join(f'"{p}"' for p in policies))
+            quoted = [f'"{p}"' for p in policies]
+            raise _invalid("overflow", self.overflow, ", ".join(quoted[:-1]) + " or " + quoted[-1])
         # Strict: "false" or 0 must not pass for False (odp_disabled="false" would disable ODP).
         for name in ("flush_at_exit", "allow_insecure_http", "gzip", "spool_fsync", "flush_on_sigterm"):
             if not isinstance(getattr(self, name), bool):
@@ -202,6 +206,7 @@ class InstallOptions(TypedDict, total=False):
     flush_interval: float
     queue_capacity: int
     overflow: OverflowPolicy
+    block_timeout: float
     request_timeout: float
     connect_timeout: float
     max_in_flight: int

@@ -170,5 +170,15 @@ def _environment_settings(url: str) -> Dict[str, Any]:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc)
-    return text if len(text) <= 200 else text[:200] + "..."
+    """The root cause (``Connection refused``, a TLS error...), not requests' wrapping of it."""
+    root = exc
+    for _ in range(6):  # requests wraps urllib3's MaxRetryError, which wraps the OS-level error
+        # urllib3's innermost error names the host and port; its own cause (the OSError) does not.
+        inner = getattr(root, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = root.args[0] if root.args and isinstance(root.args[0], BaseException) else None
+        if inner is None:
+            break
+        root = inner
+    text = str(exc) if root is exc else f"{root.__class__.__name__}: {root}"
+    return text if len(text) <= 500 else text[:500] + "..."

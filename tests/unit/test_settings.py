@@ -91,10 +91,10 @@ def test_positive_options_accept_positive(name: str) -> None:
 def test_unknown_overflow_policy() -> None:
     with pytest.raises(ConfigurationError) as info:
         Options(overflow="drop_all")  # type: ignore[arg-type]
-    assert str(info.value) == "overflow must be \"drop_newest\" or \"drop_oldest\", got 'drop_all'."
+    assert str(info.value) == "overflow must be \"drop_newest\", \"drop_oldest\" or \"block\", got 'drop_all'."
 
 
-@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest", "block"])
 def test_known_overflow_policies(policy: Any) -> None:
     assert Options(overflow=policy).overflow == policy
 
