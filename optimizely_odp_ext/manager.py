@@ -18,13 +18,15 @@ Flow on the worker, each pass:
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
+import json
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from typing_extensions import TypedDict
 
@@ -197,6 +199,8 @@ class EventManager:
             base=options.backoff_base, cap=options.backoff_max, window=options.retry_window,
             retry_after_cap=options.retry_after_max)
         self._defaults = default_data(sdk_version or _compat.sdk_version())
+        self._on_outcome = options.on_outcome
+        self._outcome_failures = 0
         self._timeout = (options.connect_timeout, options.request_timeout)
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
@@ -265,6 +269,8 @@ class EventManager:
         # Counted by the caller's side, on rare paths only (under _count_lock).
         self._count_lock = threading.RLock()
         self._overflowed = 0
+        # on_outcome only: events the caller's side dropped as queue_full, for the worker to report.
+        self._overflow_report: Deque[Pending] = collections.deque()
         self._overflow_popped = 0  # drop_oldest: events that left the queue from the caller's side
         self._refused: Dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
         self._last_overflow_warning = -_WARN_EVERY
@@ -277,6 +283,7 @@ class EventManager:
         self._retries = 0
         self._in_flight = 0
         self._in_flight_events = 0
+        self._in_flight_batches: Dict[int, _Batch] = {}  # on_outcome only: which events were in flight
         self._probe_in_flight = False
         self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
         self._priority: Deque[_Batch] = collections.deque()
@@ -315,7 +322,7 @@ class EventManager:
             self.count_refused("odp_not_integrated" if not_integrated else "host_refused")
             return False
         queue = self._queue
-        if len(queue) + len(self._ready) >= self._capacity and not self._overflow():
+        if len(queue) + len(self._ready) >= self._capacity and not self._overflow(pending):
             return True  # accepted, then dropped as queue_full (counted in _overflow)
         queue.append((pending, self._target))
         if self._worker is None:
@@ -336,7 +343,7 @@ class EventManager:
         with self._count_lock:
             self._refused[reason] += 1
 
-    def _overflow(self) -> bool:
+    def _overflow(self, pending: Pending) -> bool:
         """The queue is full. Returns True when the new event may still be appended."""
         if self.options.overflow == "block" and self._wait_for_room():
             return True
@@ -345,14 +352,17 @@ class EventManager:
             self._overflowed += 1
             self._overflow_since_warning += 1
             make_room = self.options.overflow == "drop_oldest"
+            dropped_event = pending
             if make_room:
                 try:
-                    self._queue.popleft()
+                    dropped_event = self._queue.popleft()[0]
                     self._overflow_popped += 1
                 except IndexError:
                     # Everything waiting is already with the worker (read from the spool, or
                     # encoded): nothing older to drop here, so the new event is the one dropped.
                     make_room = False
+            if self._on_outcome is not None:
+                self._overflow_report.append(dropped_event)
             if now - self._last_overflow_warning >= _WARN_EVERY:
                 dropped, self._overflow_since_warning = self._overflow_since_warning, 0
                 self._last_overflow_warning = now
@@ -561,12 +571,34 @@ class EventManager:
             self._dropped["shutdown"] += drained
         return drained
 
+    def _report_overflow(self) -> None:
+        dropped: List[Pending] = []
+        with contextlib.suppress(IndexError):
+            while True:
+                dropped.append(self._overflow_report.popleft())
+        self._report("queue_full", dropped, f"ODP event queue is full ({self._capacity} events)")
+
+    def _report_left_at_close(self) -> None:
+        """on_outcome at close: what was in flight (unconfirmed) and what was never sent (shutdown)."""
+        if self._overflow_report:
+            self._report_overflow()
+        in_flight = [e for batch in list(self._in_flight_batches.values()) for e in batch.events]
+        flying = {id(e) for e in in_flight}
+        left: List[Union[Encoded, Pending]] = [e for batch in list(self._live.values()) for e in batch.events
+                                               if id(e) not in flying]
+        left += [e for e, _ in list(self._ready)]
+        self._report("unconfirmed", in_flight, "in flight at the close deadline: ODP may have them")
+        self._report("shutdown", left, "not sent by the close deadline")
+
     def _finish(self) -> None:
         with self._lifecycle:
             if self._finished:
                 return  # once: end_close() and a worker closing in the background may both get here
             self._finished = True
         _lifecycle.closing(self, False)
+        if self._on_outcome is not None and self._spool is None:
+            self._report("shutdown", [item[0] for item in list(self._queue)], "not sent by the close deadline")
+            self._report_left_at_close()
         if self._spool is None:
             self._drain_after_finish()
         pending = self._pending_count()
@@ -707,6 +739,8 @@ class EventManager:
     def _step(self) -> Optional[float]:
         """One pass. Returns how long to sleep, or None to stop (closing and done, or deadline)."""
         now = time.monotonic()
+        if self._overflow_report:
+            self._report_overflow()
         self._take_results(now)
         self._expire(now)
         if self._spool is not None and self._queue:
@@ -765,6 +799,7 @@ class EventManager:
         results = self._results
         while results:
             batch, reply = results.popleft()
+            self._in_flight_batches.pop(id(batch), None)
             self._in_flight -= 1
             self._in_flight_events -= len(batch.events)
             was_probe, batch.probe = batch.probe, False
@@ -775,6 +810,8 @@ class EventManager:
                 self._finish_batch(batch)
                 self._delivered += len(batch.events)
                 self._ack(batch.events)
+                if self._on_outcome is not None:
+                    self._report("delivered", batch.events, f"HTTP {reply.status}")
                 self._refusing_alike = None
                 if batch.family is not None and not batch.family.delivered:
                     batch.family.delivered = True
@@ -906,6 +943,22 @@ class EventManager:
         self._ack(events)
         if line:
             self.logger.error(line)
+        if self._on_outcome is not None:
+            self._report(reason, events, line or reason)
+
+    def _report(self, outcome: str, events: Sequence[Union[Encoded, Pending]], detail: str) -> None:
+        """Calls ``on_outcome(outcome, events, detail)``; an exception in it is logged once and contained."""
+        callback = self._on_outcome
+        if callback is None or not events:
+            return
+        try:
+            callback(outcome, [_as_dict(e) for e in events], detail)
+        except Exception as exc:
+            self._outcome_failures += 1
+            if self._outcome_failures == 1:
+                _log.debug("on_outcome raised", exc_info=True)
+                self.logger.error(f"ODP on_outcome callback raised {exc.__class__.__name__}: {str(exc)[:200]} "
+                                  "(logged once; delivery goes on).")
 
     def _ack(self, events: List[Encoded]) -> None:
         """An outcome was reached: the spool need not keep these any longer."""
@@ -1045,7 +1098,7 @@ class EventManager:
                 target = self._initial_target
             self._popped += 1
             if target is None:
-                self._drop_unintegrated()
+                self._drop_unintegrated(pending)
                 continue
             try:
                 encoded = encode(pending, self._defaults)
@@ -1053,8 +1106,11 @@ class EventManager:
                 # Whatever a pathological value raises (TypeError, RecursionError, MemoryError from a
                 # str subclass's __str__, ...), this event reaches an outcome and the others go on.
                 self._dropped["unencodable"] += 1
-                self.logger.error(_compat.ODP_EVENT_FAILED.format(
-                    f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped"))
+                line = _compat.ODP_EVENT_FAILED.format(
+                    f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped")
+                self.logger.error(line)
+                if self._on_outcome is not None:
+                    self._report("unencodable", [pending], line)
                 continue
             encoded.seq = self._popped + self._overflow_popped - 1
             if batch_size_bytes(1, len(encoded)) > max_bytes:
@@ -1118,9 +1174,11 @@ class EventManager:
             return None
         return _Batch(events, target)
 
-    def _drop_unintegrated(self) -> None:
+    def _drop_unintegrated(self, pending: Pending) -> None:
         # Counted one by one, logged once per run of them (when the run ends).
         self._dropped["not_integrated"] += 1
+        if self._on_outcome is not None:
+            self._report("not_integrated", [pending], _compat.ODP_NOT_INTEGRATED)
         if not self._queue or self._queue[0][1] is not None:
             self.logger.error(
                 f"{_compat.ODP_NOT_INTEGRATED} Discarded event(s) sent before the datafile was loaded "
@@ -1131,9 +1189,23 @@ class EventManager:
             batch.first_attempt = now
         self._in_flight += 1
         self._in_flight_events += len(batch.events)
+        if self._on_outcome is not None:
+            self._in_flight_batches[id(batch)] = batch
         self._requests += 1
         self._send_queue.append(batch)
         self._send_ready.release()
+
+
+def _as_dict(event: Union[Encoded, Pending]) -> Dict[str, Any]:
+    """One event as on_outcome gets it: type, action, identifiers, data (with idempotence_id)."""
+    if isinstance(event, Encoded):
+        body: Dict[str, Any] = json.loads(event.body)
+        body["idempotence_id"] = event.idempotence_id
+        return body
+    type_, action, identifiers, data = event
+    idempotence_id = data.get("idempotence_id") if data else None
+    return {"type": type_, "action": action, "identifiers": dict(identifiers), "data": dict(data or {}),
+            "idempotence_id": idempotence_id}
 
 
 def _first_attempt(batch: _Batch) -> float:
