@@ -48,7 +48,7 @@ def main() -> int:
             print(f"  {event['action']:<10} {event['identifiers']}  {extra}")
         stats = client.odp_event_stats()
         print(f"stats: accepted={stats['accepted']} delivered={stats['delivered']} "
-              f"dropped={sum(stats['dropped'].values())} invalid={stats['invalid']}")
+              f"dropped={sum(stats['dropped'].values())} invalid={stats['refused']['invalid_input']}")
         client.close()
         return 0 if len(odp.events) == 3 and stats["delivered"] == 3 else 1
 

@@ -80,7 +80,18 @@ def unregister(manager: Closable) -> None:
 def live_managers() -> List[Any]:
     """The managers not closed yet, in this process."""
     with _REGISTRY_LOCK:
-        return list(_MANAGERS)
+        return _snapshot(_MANAGERS)
+
+
+def _snapshot(items: Any) -> List[Any]:
+    """A copy of a registry set. The lock is re-entrant, so a garbage-collected client's finalizer
+    running on this thread mid-copy can still change the set: copy again (bounded)."""
+    for _ in range(100):
+        try:
+            return list(items)
+        except RuntimeError:  # "changed size during iteration"
+            continue
+    return []
 
 
 def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bool = True) -> int:
@@ -101,7 +112,7 @@ def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bo
     managers = [m for m in live_managers()
                 if not m.closed and (not at_exit or getattr(m.options, "flush_at_exit", True))]
     with _REGISTRY_LOCK:
-        under_way = list(_CLOSING)
+        under_way = _snapshot(_CLOSING)
     outer = _closing_thread is None
     if outer:
         _closing_thread = threading.get_ident()
@@ -236,7 +247,7 @@ def _after_fork_in_child() -> None:
     _CLOSING.clear()
     _arm_process_finalizers()
     _celery.connect_if_loaded()  # a Celery worker imported celery after its managers registered
-    for manager in list(_MANAGERS):
+    for manager in _snapshot(_MANAGERS):
         try:
             manager._after_fork()
         except Exception:

@@ -8,7 +8,6 @@ SDK a fresh manager of its own again. optimizely-sdk 4.x has no ODP code, so not
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
@@ -184,15 +183,17 @@ def loosen_registry_hold(client: Any) -> None:
     listeners = _registry_listeners(client)
     if listeners is None or client in _loosened:
         return
-    for index, entry in enumerate(listeners):
-        if (isinstance(entry, tuple) and len(entry) == 2 and getattr(entry[1], "__self__", None) is client
-                and getattr(entry[1], "__name__", None) == _HELD_METHOD):
-            weak = _WeakListener(entry[1])
-            listeners[index] = (entry[0], weak)
-            _loosened[client] = weak
-            # When the client is collected, its stand-in leaves the registry too.
-            weakref.finalize(client, _forget, listeners, weak).atexit = False
-            return
+    with _registry_lock:
+        _purge(listeners)
+        for index, entry in enumerate(listeners):
+            if (isinstance(entry, tuple) and len(entry) == 2 and getattr(entry[1], "__self__", None) is client
+                    and getattr(entry[1], "__name__", None) == _HELD_METHOD):
+                weak = _WeakListener(entry[1])
+                # Safe by index: finalizers never change the list (see _forget).
+                listeners[index] = (entry[0], weak)
+                _loosened[client] = weak
+                weakref.finalize(client, _forget, weak).atexit = False
+                return
 
 
 def restore_registry_hold(client: Any) -> None:
@@ -201,14 +202,29 @@ def restore_registry_hold(client: Any) -> None:
     listeners = _registry_listeners(client)
     if weak is None or listeners is None:
         return
-    for index, entry in enumerate(listeners):
-        if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is weak:
-            listeners[index] = (entry[0], getattr(client, _HELD_METHOD))
-            return
+    with _registry_lock:
+        for index, entry in enumerate(listeners):
+            if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is weak:
+                listeners[index] = (entry[0], getattr(client, _HELD_METHOD))
+                return
 
 
-def _forget(listeners: List[Any], weak: _WeakListener) -> None:
-    for entry in list(listeners):
-        if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is weak:
-            with contextlib.suppress(ValueError):
-                listeners.remove(entry)
+# Stand-ins of collected clients, removed from the registry's list at the next install. A finalizer
+# only records them: it may run in the middle of any code, even the loop above, so it must not
+# change the list itself.
+_dead: List[_WeakListener] = []
+_registry_lock = threading.Lock()
+
+
+def _forget(weak: _WeakListener) -> None:
+    _dead.append(weak)
+
+
+def _purge(listeners: List[Any]) -> None:
+    if not _dead:
+        return
+    dead = {id(weak) for weak in list(_dead)}
+    kept = [e for e in listeners if not (isinstance(e, tuple) and len(e) == 2 and id(e[1]) in dead)]
+    removed = {id(e[1]) for e in listeners if isinstance(e, tuple) and len(e) == 2 and id(e[1]) in dead}
+    listeners[:] = kept
+    _dead[:] = [weak for weak in _dead if id(weak) not in removed]

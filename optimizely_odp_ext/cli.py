@@ -490,6 +490,8 @@ def _fake_server(args: argparse.Namespace) -> int:
     try:
         if args.latency:
             server.set_latency(args.latency)
+        if args.fail_next:
+            server.fail_next(args.fail_next, status=args.fail_status)
         if args.fail_for:
             server.fail_for(args.fail_for, status=args.fail_status)
         if args.rate_limit:
@@ -686,6 +688,8 @@ def _build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay every answer")
     faults.add_argument("--fail-for", type=float, default=0.0, metavar="SECONDS",
                         help="an outage: answer --fail-status for this long after start")
+    faults.add_argument("--fail-next", type=int, default=0, metavar="N",
+                        help="answer the first N requests with --fail-status (an outage of N requests)")
     faults.add_argument("--fail-status", type=int, default=503, help="the status answered during the outage")
     faults.add_argument("--rate-limit", type=int, default=0, metavar="N",
                         help="answer the first N requests with 429")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import List
 
@@ -82,18 +81,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> List[str]:
 
 
 def test_fake_server_prints_requests_and_injects_an_outage(tmp_path: Path) -> None:
-    proc, url = _start_fake_server("--fail-for", "0.5", "--latency", "0.01")
+    # An outage of 2 requests (counted, not timed: a loaded machine may start the import late).
+    proc, url = _start_fake_server("--fail-next", "2", "--latency", "0.01")
     try:
-        started = time.monotonic()
         result = run_cli("import", "--host", url, "--quiet", str(write_jsonl(tmp_path / "e.jsonl", 250)))
         assert result.code == 0, result.err
-        assert time.monotonic() - started >= 0.5  # waited the outage out
-        assert summary(result)["delivered"] == 250
+        assert summary(result)["delivered"] == 250  # waited the outage out
     finally:
         lines = _stop(proc)
     assert lines[-1].startswith("received 250 event(s) in ")
     statuses = [line.split(" -> ")[1].split()[0] for line in lines if line.startswith("/v3/events -> ")]
-    assert statuses[0] == "503"
+    assert statuses[:2] == ["503", "503"]
     assert statuses.count("202") == 3  # 250 events in batches of 100
 
 

@@ -194,12 +194,13 @@ def test_interpreter_exit_with_four_clients_takes_one_close_timeout(tmp_path: Pa
     with FakeOdpServer(TEST_KEY) as server:
         server.hang_next(100, seconds=30)
         script = _script(tmp_path, _EXIT_BUDGET)
-        result = _run(script, _env(server, close_timeout=1.0, flush_interval=0.01, request_timeout=20))
+        result = _run(script, _env(server, close_timeout=2.0, flush_interval=0.01, request_timeout=20))
         ended = time.monotonic()
         assert result.returncode == 0, result.stderr
         exiting = float(result.stdout.split()[1])
-        # One shared deadline of 1 s (plus the join margin and interpreter teardown), not 4 x 1 s.
-        assert ended - exiting < 3.0, ended - exiting
+        # One shared deadline of 2 s (plus the join margin and interpreter teardown), where closing
+        # one client after another took 4 x 2 s.
+        assert ended - exiting < 5.0, ended - exiting
 
 
 # ----------------------------------------------------------------- item 10: clients dropped without close()
