@@ -262,3 +262,28 @@ def test_clients_dropped_without_close_deliver_and_release_threads_and_sockets(t
         assert after["rss"] - before["rss"] < 20 * 1024 * 1024, usage
         assert_delivered_exactly_once(server, ids("warmup", 100) + ids("dropped", count))
 
+
+
+_SIGTERM_DURING_EXIT = """
+    client = make_client()
+    send(client, "exiting", 20)
+
+    def terminate_soon():
+        # The exit hook is delivering by then (ODP answers after 1 s).
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_soon, daemon=True).start()
+    print("exiting", flush=True)
+    # No close(): the atexit hook's close_all() runs on the main thread when SIGTERM arrives.
+"""
+
+
+def test_sigterm_during_the_exit_close_lets_it_finish_then_hands_over(tmp_path: Path) -> None:
+    with FakeOdpServer(TEST_KEY) as server:
+        server.set_latency(1.0)
+        result = _run(_script(tmp_path, _SIGTERM_DURING_EXIT),
+                      _env(server, flush_interval=60, flush_on_sigterm=True, request_timeout=20))
+        # Delivered first, then ended as SIGTERM would have ended it.
+        assert result.returncode == -signal.SIGTERM, result.stderr
+        assert_delivered_exactly_once(server, ids("exiting", 20))
