@@ -1,0 +1,88 @@
+"""gunicorn glue: the master delivers its own queue while its workers stop, not after them.
+
+On SIGTERM (and SIGINT, SIGQUIT) gunicorn's master runs ``Arbiter.stop()``: it signals its workers
+and waits for them (up to ``graceful_timeout``), and only then exits the interpreter. Each worker
+delivers its queue at its own interpreter exit, within ``close_timeout``; left alone, the master's
+``atexit`` hook would spend its own ``close_timeout`` *after* theirs, so with ODP not answering the
+server took twice ``close_timeout`` to stop -- past gunicorn's 30 s ``graceful_timeout`` and
+Kubernetes' 30 s grace period with the defaults.
+
+So in the master (an app loaded with ``--preload`` creates its clients there), ``Arbiter.stop`` is
+wrapped once per process: it starts :func:`._lifecycle.close_all` on a helper thread *before*
+gunicorn signals its workers, and joins it after they are gone. The master's delivery overlaps the
+workers' under one deadline (now + the largest ``close_timeout``), and its ``atexit`` hook finds
+nothing left. Without ``--preload`` the master has no clients: nothing is patched there.
+
+gunicorn stays optional: this module imports it only when the application already has
+(``gunicorn.arbiter`` in ``sys.modules``), which a gunicorn master has before it loads the app.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import threading
+from typing import Any, Callable
+
+from . import _lifecycle
+
+_log = logging.getLogger(__name__)
+
+_APPLIED = "_optimizely_odp_ext_applied"  # tags our wrapper, so a second connect never wraps it twice
+_connected = threading.Event()  # set once per process; a forked worker inherits it with the wrapper
+_connect_lock = threading.Lock()
+
+
+def connect_if_loaded() -> bool:
+    """Wraps ``gunicorn.arbiter.Arbiter.stop`` once per process, if gunicorn is imported.
+
+    Cheap when already done or when gunicorn is absent (a flag, a dict lookup): called at every
+    manager registration.
+
+    Returns:
+        True when ``Arbiter.stop`` is wrapped.
+    """
+    if _connected.is_set() or "gunicorn.arbiter" not in sys.modules:
+        return _connected.is_set()
+    with _connect_lock:
+        if _connected.is_set():
+            return True
+        arbiter = getattr(sys.modules.get("gunicorn.arbiter"), "Arbiter", None)
+        stop = getattr(arbiter, "stop", None)
+        if arbiter is None or not callable(stop):  # a module of that name that is not gunicorn's
+            _log.debug("gunicorn.arbiter is imported but has no Arbiter.stop")
+            return False
+        if not getattr(stop, _APPLIED, False):
+            arbiter.stop = _wrap_stop(stop)
+        _connected.set()
+        _log.debug("wrapped gunicorn's Arbiter.stop")
+        return True
+
+
+def _wrap_stop(stop: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(stop)
+    def stop_delivering(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # Only the master stops workers; a worker (a fork of it) never calls this, but if it did,
+        # its own exit path delivers its queue.
+        if getattr(self, "pid", None) != os.getpid():
+            return stop(self, *args, **kwargs)
+        # Started before gunicorn signals its workers, joined after it has waited for them. A thread,
+        # not the master's own: gunicorn's wait for its workers runs on the main thread.
+        closer = threading.Thread(target=_close_all, name="odp-ext-gunicorn-stop", daemon=True)
+        closer.start()
+        try:
+            return stop(self, *args, **kwargs)
+        finally:
+            closer.join()  # close_all is bounded by the largest close_timeout (plus its join margin)
+
+    setattr(stop_delivering, _APPLIED, True)
+    return stop_delivering
+
+
+def _close_all() -> None:
+    try:
+        _lifecycle.close_all(why="gunicorn master stop")
+    except Exception:  # never into gunicorn's shutdown
+        _log.exception("delivering ODP events at gunicorn's stop failed")
