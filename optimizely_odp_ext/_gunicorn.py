@@ -10,8 +10,9 @@ Kubernetes' 30 s grace period with the defaults.
 So in the master (an app loaded with ``--preload`` creates its clients there), ``Arbiter.stop`` is
 wrapped once per process: it starts :func:`._lifecycle.close_all` on a helper thread *before*
 gunicorn signals its workers, and joins it after they are gone. The master's delivery overlaps the
-workers' under one deadline (now + the largest ``close_timeout``), and its ``atexit`` hook finds
-nothing left. Without ``--preload`` the master has no clients: nothing is patched there.
+workers' under one deadline (now + the largest ``close_timeout``, capped by gunicorn's
+``graceful_timeout``, at which gunicorn kills the workers still running), and its ``atexit`` hook
+finds nothing left. Without ``--preload`` the master has no clients: nothing is patched there.
 
 gunicorn stays optional: this module imports it only when the application already has
 (``gunicorn.arbiter`` in ``sys.modules``), which a gunicorn master has before it loads the app.
@@ -24,7 +25,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from . import _lifecycle
 
@@ -70,19 +71,40 @@ def _wrap_stop(stop: Callable[..., Any]) -> Callable[..., Any]:
             return stop(self, *args, **kwargs)
         # Started before gunicorn signals its workers, joined after it has waited for them. A thread,
         # not the master's own: gunicorn's wait for its workers runs on the main thread.
-        closer = threading.Thread(target=_close_all, name="odp-ext-gunicorn-stop", daemon=True)
-        closer.start()
+        closer: Optional[threading.Thread] = None
+        try:
+            closer = threading.Thread(target=_close_all, args=(_budget(self),), name="odp-ext-gunicorn-stop",
+                                      daemon=True)
+            closer.start()
+        except Exception:  # never into gunicorn's stop: the master's atexit hook delivers instead
+            _log.exception("could not start delivering ODP events at gunicorn's stop")
+            closer = None
         try:
             return stop(self, *args, **kwargs)
         finally:
-            closer.join()  # close_all is bounded by the largest close_timeout (plus its join margin)
+            if closer is not None:
+                closer.join()  # close_all is bounded by its budget (plus its join margin)
 
     setattr(stop_delivering, _APPLIED, True)
     return stop_delivering
 
 
-def _close_all() -> None:
+def _budget(arbiter: Any) -> Optional[float]:
+    """gunicorn's ``graceful_timeout`` when it is below the largest ``close_timeout``, else None.
+
+    gunicorn kills the workers still running at ``graceful_timeout``: the master does not outlast
+    the stop it promises either. None lets :func:`._lifecycle.close_all` take the largest
+    ``close_timeout``, as at any exit.
+    """
+    graceful = getattr(getattr(arbiter, "cfg", None), "graceful_timeout", None)
+    largest = max((m.options.close_timeout for m in _lifecycle.live_managers()), default=0.0)
+    if isinstance(graceful, (int, float)) and graceful < largest:
+        return float(graceful)
+    return None
+
+
+def _close_all(budget: Optional[float]) -> None:
     try:
-        _lifecycle.close_all(why="gunicorn master stop")
+        _lifecycle.close_all(budget, why="gunicorn master stop")
     except Exception:  # never into gunicorn's shutdown
         _log.exception("delivering ODP events at gunicorn's stop failed")

@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 import pytest
 
@@ -53,7 +53,8 @@ LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+) \((\d+)\)")
 class Gunicorn:
     """``gunicorn --preload --workers 2 gunicorn_app:app`` in its own session, on a free port."""
 
-    def __init__(self, tmp_path: Path, odp: FakeOdpServer) -> None:
+    def __init__(self, tmp_path: Path, odp: FakeOdpServer, *args: str) -> None:
+        self.args = args
         self.log_path = tmp_path / "gunicorn.log"
         self.env: Dict[str, str] = {
             **os.environ,
@@ -73,7 +74,7 @@ class Gunicorn:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "--preload", "--workers", str(WORKERS), "--bind", "127.0.0.1:0",
-                 "--log-level", "info", "gunicorn_app:app"],
+                 "--log-level", "info", *self.args, "gunicorn_app:app"],
                 env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         listening = wait_until(lambda: LISTENING.search(self.output()) is not None or self.process.poll() is not None,
@@ -162,12 +163,19 @@ def odp() -> Iterator[FakeOdpServer]:
 
 
 @pytest.fixture
-def gunicorn(tmp_path: Path, odp: FakeOdpServer) -> Iterator[Gunicorn]:
-    server = Gunicorn(tmp_path, odp)
+def gunicorn(tmp_path: Path, odp: FakeOdpServer) -> Iterator[Callable[..., Gunicorn]]:
+    """Makes the server (with extra gunicorn arguments); kills what is left of it at the end."""
+    made: List[Gunicorn] = []
+
+    def make(*args: str) -> Gunicorn:
+        made.append(Gunicorn(tmp_path, odp, *args))
+        return made[-1]
+
     try:
-        yield server
+        yield make
     finally:
-        server.kill()
+        for server in made:
+            server.kill()
 
 
 def _senders(request: RecordedRequest) -> Set[int]:
@@ -194,22 +202,82 @@ def test_healthy_odp_every_event_delivered_once(healthy: HealthyRun) -> None:
     assert [int(e["data"]["pid"]) for e in healthy.events if e["action"] == "app_loaded"] == [healthy.master_pid]
 
 
-def test_hanging_odp_whole_server_down_within_close_timeout(healthy: HealthyRun, gunicorn: Gunicorn,
-                                                             odp: FakeOdpServer) -> None:
+def _stop_with_odp_hanging(server: Gunicorn, odp: FakeOdpServer) -> float:
+    """Boots with every ODP request hanging, has each process send, stops: the seconds the stop took."""
     odp.hang_next(1000)  # every request hangs until the test ends: no process can deliver anything
-    gunicorn.start()
-    gunicorn.send_requests([f"request-{n}" for n in range(REQUESTS)])
+    server.start()
+    server.send_requests([f"request-{n}" for n in range(REQUESTS)])
     # The master and both workers each have events in flight that ODP does not answer.
-    everyone = {gunicorn.master_pid, *gunicorn.worker_pids}
+    everyone = {server.master_pid, *server.worker_pids}
     assert wait_until(lambda: _hung_senders(odp) >= everyone, timeout=10.0, interval=0.05), \
         (_hung_senders(odp), everyone)
-    seconds = gunicorn.stop()
-    assert not odp.events  # nothing could be delivered: every process spent its close_timeout
-    # Beyond close_timeout, only what gunicorn takes to stop this server when there is nothing to
-    # wait for (signal the workers, their exits, the master reaping them and exiting: measured by the
-    # healthy run on this machine), and the join margin of each process's close. The master and its
-    # workers close concurrently: their budgets overlap, they do not add up.
-    bound = CLOSE_TIMEOUT + healthy.stop_seconds + END_CLOSE_MARGIN
+    seconds = server.stop()
+    assert not odp.events  # nothing could be delivered: every process spent its budget
+    return seconds
+
+
+def _bound(budget: float, healthy: HealthyRun) -> float:
+    """Beyond the processes' shared delivery budget: what gunicorn takes to stop this server when
+    there is nothing to wait for (signal the workers, their exits, the master reaping them and
+    exiting: measured by the healthy run on this machine), and the join margin of each process's
+    close. The master and its workers close concurrently: their budgets overlap, they do not add up."""
+    return budget + healthy.stop_seconds + END_CLOSE_MARGIN
+
+
+def test_hanging_odp_whole_server_down_within_close_timeout(healthy: HealthyRun, gunicorn: Callable[..., Gunicorn],
+                                                             odp: FakeOdpServer) -> None:
+    server = gunicorn()
+    seconds = _stop_with_odp_hanging(server, odp)
+    bound = _bound(CLOSE_TIMEOUT, healthy)
     print(f"SIGTERM to exit with ODP hanging: {seconds:.2f} s; with ODP answering: {healthy.stop_seconds:.2f} s; "
           f"bound {bound:.2f} s (close_timeout {CLOSE_TIMEOUT:g} s)")
-    assert seconds <= bound, gunicorn.output()
+    assert seconds <= bound, server.output()
+
+
+def test_graceful_timeout_below_close_timeout_caps_the_master_too(healthy: HealthyRun,
+                                                                  gunicorn: Callable[..., Gunicorn],
+                                                                  odp: FakeOdpServer) -> None:
+    # gunicorn kills the workers still delivering at graceful_timeout; the master stops delivering
+    # then as well, rather than spending the rest of its close_timeout alone.
+    graceful = CLOSE_TIMEOUT / 3
+    server = gunicorn("--graceful-timeout", f"{graceful:g}")
+    seconds = _stop_with_odp_hanging(server, odp)
+    bound = _bound(graceful, healthy)
+    print(f"SIGTERM to exit with ODP hanging, graceful_timeout {graceful:g} s: {seconds:.2f} s; bound {bound:.2f} s")
+    assert seconds <= bound, server.output()
+
+
+_WRAPPING = """
+import os, sys
+from optimizely import optimizely
+import optimizely_odp_ext
+from optimizely_odp_ext._datafile import datafile
+
+def client():
+    made = optimizely.Optimizely(datafile(os.environ["ODP_TEST_URL"], os.environ["ODP_TEST_KEY"]))
+    optimizely_odp_ext.install(made)
+    made.send_odp_event("t", {"fs_user_id": "u"})
+    return made
+
+def wrapped(function):
+    return getattr(function, "_optimizely_odp_ext_applied", False)
+
+first = client()
+print("gunicorn" in sys.modules)  # the plugin never imports gunicorn itself
+from gunicorn.arbiter import Arbiter
+original = Arbiter.stop
+print(wrapped(Arbiter.stop))  # importing gunicorn wraps nothing: a client made while it is loaded does
+second, third = client(), client()
+print(wrapped(Arbiter.stop), Arbiter.stop.__wrapped__ is original)  # wrapped once, however many clients
+for made in (first, second, third):
+    made.close()
+"""
+
+
+def test_arbiter_stop_wrapped_once_only_where_gunicorn_and_a_client_are(odp: FakeOdpServer) -> None:
+    env = {**os.environ, "ODP_TEST_URL": odp.url, "ODP_TEST_KEY": TEST_KEY}
+    done = subprocess.run([sys.executable, "-c", _WRAPPING], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["False", "False", "True", "True"]
+    assert odp.wait_for_events(3, timeout=5.0)
