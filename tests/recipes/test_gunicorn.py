@@ -234,17 +234,16 @@ def test_hanging_odp_whole_server_down_within_close_timeout(healthy: HealthyRun,
     assert seconds <= bound, server.output()
 
 
-def test_graceful_timeout_below_close_timeout_caps_the_master_too(healthy: HealthyRun,
-                                                                  gunicorn: Callable[..., Gunicorn],
+def test_graceful_timeout_below_close_timeout_caps_the_master_too(gunicorn: Callable[..., Gunicorn],
                                                                   odp: FakeOdpServer) -> None:
     # gunicorn kills the workers still delivering at graceful_timeout; the master stops delivering
-    # then as well, rather than spending the rest of its close_timeout alone.
+    # then as well, rather than spending the rest of its close_timeout alone (it started when the
+    # stop began: uncapped, the stop takes at least close_timeout).
     graceful = CLOSE_TIMEOUT / 3
     server = gunicorn("--graceful-timeout", f"{graceful:g}")
     seconds = _stop_with_odp_hanging(server, odp)
-    bound = _bound(graceful, healthy)
-    print(f"SIGTERM to exit with ODP hanging, graceful_timeout {graceful:g} s: {seconds:.2f} s; bound {bound:.2f} s")
-    assert seconds <= bound, server.output()
+    print(f"SIGTERM to exit with ODP hanging, graceful_timeout {graceful:g} s: {seconds:.2f} s")
+    assert graceful <= seconds < CLOSE_TIMEOUT, server.output()
 
 
 _WRAPPING = """
