@@ -35,9 +35,9 @@ def create_app() -> Flask:
         client.send_odp_event("request", {"fs_user_id": "u1"}, data={"idempotence_id": request.args["id"]})
         return str(os.getpid())
 
-    # No shutdown hook needed: a gunicorn worker (and the master) stopping gracefully exits the
-    # interpreter, and the plugin's exit hook delivers what is queued within close_timeout (15 s,
-    # inside gunicorn's 30 s graceful timeout).
+    # No shutdown hook needed: a gunicorn worker stopping gracefully exits the interpreter, and the
+    # plugin's exit hook delivers what is queued within close_timeout (15 s, inside gunicorn's 30 s
+    # graceful timeout); the master delivers its own as the graceful stop begins, alongside them.
     return app
 
 

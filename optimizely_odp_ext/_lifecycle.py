@@ -23,7 +23,7 @@ from typing import Any, Callable, List, Optional, Set, Union
 
 from typing_extensions import Protocol
 
-from . import _celery  # imports this module back; uses it only at call time
+from . import _celery, _gunicorn  # import this module back; use it only at call time
 
 _log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def register(manager: Closable) -> None:
         _MANAGERS.add(manager)
     _arm_process_finalizers()
     _celery.connect_if_loaded()  # Celery's prefork children end without atexit: see _celery
+    _gunicorn.connect_if_loaded()  # a gunicorn master delivers while its workers stop: see _gunicorn
 
 
 def closing(manager: Closable, under_way: bool) -> None:
