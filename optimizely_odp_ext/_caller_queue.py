@@ -45,9 +45,15 @@ class CallerQueue(Outcomes):
         queue.append((pending, self._target))
         if self._worker is None:
             self._start()
-        size = len(queue)
-        if size == 1 or size % self._batch_size == 0 or self._idle:
+        # Wake the worker only when it waits for callers (its last look found nothing to send), for
+        # a full batch, or, with the spool on, for the first event (written to disk at once, see
+        # SPOOL_INTERVAL). Any other time its own timer covers this event: see Scheduler._run.
+        if self._idle:
             self._wake.set()
+        else:
+            size = len(queue)
+            if size % self._batch_size == 0 or (size == 1 and self._spool is not None):
+                self._wake.set()
         if self._finished:
             return self._refuse_late()
         return True

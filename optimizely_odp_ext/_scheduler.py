@@ -52,8 +52,10 @@ class Scheduler(Batcher, Bisector):
             if timeout > 0:
                 # Callers wake an idle worker on every append (see enqueue); the flag is raised
                 # before the last look at the queue, so an append is either seen here or wakes us.
-                # Only a worker that found the queue empty waits for callers; otherwise a timer
-                # (flush interval, backoff, close deadline) or a full batch wakes it.
+                # Only a worker whose last dispatch found nothing waiting is woken by callers; any
+                # other worker has a timer that covers a new event (the flush interval of the
+                # batch being filled, a backoff, the close deadline), or a reply or a full batch
+                # wakes it, and new events could not be sent before that anyway.
                 self._idle = self._seen_empty
                 if not (self._idle and self._queue):
                     self._wake.wait(timeout)
@@ -81,7 +83,6 @@ class Scheduler(Batcher, Bisector):
             return None
         self._dispatch(now)
         self._update_low_water()
-        self._seen_empty = not self._queue
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()
@@ -219,6 +220,7 @@ class Scheduler(Batcher, Bisector):
             self._retry_heap = kept
 
     def _dispatch(self, now: float) -> None:
+        self._seen_empty = False
         limit = self.options.max_in_flight
         while self._priority and self._in_flight < limit:
             self._submit(self._priority.popleft(), now)
@@ -244,6 +246,7 @@ class Scheduler(Batcher, Bisector):
             waiting = len(self._queue) + len(self._ready)
             if waiting == 0 and self._recovery is None:
                 self._partial_since = None
+                self._seen_empty = True  # callers wake us: nothing else would (see _run)
                 return
             if waiting < self._batch_size and not hurry and self._recovery is None:
                 if self._partial_since is None:
