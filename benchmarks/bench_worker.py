@@ -14,6 +14,7 @@ Only the standard library and what the package's venv has are used (RSS from /pr
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import math
@@ -21,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -102,6 +103,13 @@ def percentile(sorted_values: List[int], fraction: float) -> int:
     return sorted_values[rank - 1]
 
 
+def timing_figures(merged: List[int]) -> Dict[str, Any]:
+    """Count, p50, p99, max and mean in µs of ascending call timings in ns."""
+    return {"timed": len(merged), "p50_us": percentile(merged, 0.50) / 1000,
+            "p99_us": percentile(merged, 0.99) / 1000, "max_us": merged[-1] / 1000 if merged else 0.0,
+            "mean_us": sum(merged) / len(merged) / 1000 if merged else 0.0}
+
+
 class Target:
     """One client under test and the target-specific ways to wait for it."""
 
@@ -155,6 +163,47 @@ class Target:
 
     def close(self) -> None:
         self.client.close()
+
+
+class FloorTarget:
+    """The floor of the paced scenario: the same argument checks as a send, then a ``deque.append``."""
+
+    name = "floor"
+
+    def __init__(self) -> None:
+        self.queue: Deque[Args] = collections.deque()
+
+    def send(self, action: Any, identifiers: Any, type_: Any = "fullstack", data: Any = None) -> None:
+        if not isinstance(action, str) or not action:
+            return
+        if not isinstance(identifiers, dict) or not identifiers:
+            return
+        for key, value in identifiers.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                return
+        if type_ is not None and not isinstance(type_, str):
+            return
+        if data is not None:
+            if not isinstance(data, dict):
+                return
+            for key, value in data.items():
+                if not isinstance(key, str) or not (value is None or isinstance(value, (str, int, bool)) or (
+                        isinstance(value, float) and math.isfinite(value))):
+                    return
+        self.queue.append((action, identifiers, type_ or "fullstack", data or {}))
+
+    def drain(self, timeout: float) -> bool:
+        self.queue.clear()
+        return True
+
+    def effective_options(self) -> Dict[str, Any]:
+        return {}
+
+    def stats(self) -> Dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        self.queue.clear()
 
 
 def thread_cpu() -> Dict[str, float]:
@@ -212,13 +261,43 @@ def scenario_caller(target: Target, cfg: Dict[str, Any]) -> Dict[str, Any]:
     merged = sorted(value for per in timings for value in per)
     return {
         "sent": warmup + per_thread * threads,
-        "timed": len(merged),
         "warm_drained": warm_drained,
-        "p50_us": percentile(merged, 0.50) / 1000,
-        "p99_us": percentile(merged, 0.99) / 1000,
-        "max_us": merged[-1] / 1000 if merged else 0.0,
-        "mean_us": sum(merged) / len(merged) / 1000 if merged else 0.0,
+        **timing_figures(merged),
         "send_seconds": elapsed,
+    }
+
+
+def scenario_paced(target: Any, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A web app's pace: ``calls`` timed calls from 1 thread, spread evenly over ``seconds`` (sleeping in
+    between, as a request handler does), after ``warmup`` untimed ones."""
+    tag, calls, seconds, warmup = cfg["tag"], cfg["calls"], cfg["seconds"], cfg["warmup"]
+    send_all(target.send, [make_args(tag, i) for i in range(warmup)])
+    warm_drained = target.drain(15.0)
+    args = [make_args(tag, warmup + i) for i in range(calls)]
+    timings = [0] * calls
+    send_at = [0.0] * calls
+    interval = seconds / calls
+    clock, now, sleep = time.perf_counter_ns, time.monotonic, time.sleep
+    started = now()
+    for index, (action, identifiers, type_, data) in enumerate(args):
+        pause = started + index * interval - now()
+        if pause > 0:
+            sleep(pause)
+        send_at[index] = now()
+        begin = clock()
+        target.send(action, identifiers, type_, data)
+        timings[index] = clock() - begin
+    elapsed = now() - started
+    merged = sorted(timings)
+    floor = target.name == "floor"
+    return {
+        "sent": 0 if floor else warmup + calls,  # the floor sends nothing to the server
+        "calls": calls,
+        "warmup": warmup,
+        "warm_drained": warm_drained,
+        **timing_figures(merged),
+        "send_seconds": elapsed,
+        "send_at": [] if floor else send_at,
     }
 
 
@@ -314,9 +393,11 @@ def main() -> int:
     cfg = json.loads(sys.argv[1])
     if cfg["target"] == "bare":
         return run_ceiling(cfg)
-    target = Target(cfg["target"], cfg["url"], cfg["key"], cfg.get("options") or {})
+    target: Any = (FloorTarget() if cfg["target"] == "floor" else
+                   Target(cfg["target"], cfg["url"], cfg["key"], cfg.get("options") or {}))
     scenario = cfg["scenario"]
-    runner = {"caller": scenario_caller, "throughput": scenario_throughput, "memory": scenario_memory}[scenario]
+    runner = {"caller": scenario_caller, "paced": scenario_paced, "throughput": scenario_throughput,
+              "memory": scenario_memory}[scenario]
     cpu_start: Optional[float] = None
     try:
         result = runner(target, cfg)

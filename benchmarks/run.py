@@ -22,6 +22,16 @@ afterwards) and plus ``spool_dir`` with ``spool_fsync=True``, interleaved run by
 subprocess: caller cost from 1 thread, throughput with no added latency and with 50 ms, and the bytes the
 process wrote (``/proc/self/io``) and the spool directory's peak size (sampled by this process).
 
+Section "Caller cost at a web app's pace" (issue 12): 1 thread, calls spread evenly over a few seconds,
+three targets: ``floor`` (a plain function doing the same argument checks and a ``deque.append``), ``sdk``
+and ``ours``, reported as ratios, with each event's delivery latency from the server's records.
+
+Layout: ``bench_harness.py`` (the targets' configuration, one worker subprocess, the server's records, the
+per-target runner), ``bench_tables.py`` (derived figures, tables, writing the results file while keeping
+``import_bench.py``'s section), ``bench_worker.py`` (what runs in each subprocess), and this file: the
+scenarios (:func:`plan`, :class:`Bench`) and their tables (:func:`report`). ``--only NAMES`` runs some
+scenarios again and updates their figures in the last run's results.
+
 Every event carries a unique ``idempotence_id``, so delivered / lost / duplicated are counted
 exactly from the server's records. Results go to ``benchmarks/RESULTS.md`` (regenerated every run)
 and to stdout. Not part of the test suite. Only the standard library and the package's venv are used.
@@ -30,267 +40,80 @@ and to stdout. Not part of the test suite. Only the standard library and the pac
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import queue
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from optimizely_odp_ext.testing import FakeOdpServer  # noqa: E402
-
-WORKER = os.path.join(HERE, "bench_worker.py")
-API_KEY = "bench-odp-key"
-TARGETS = ("sdk", "ours")
-SDK_QUIET_SECONDS = 2.5  # the SDK is done when no request came for this long (its flush interval is 1 s)
-
-# Target "ours" in the caller-cost and throughput scenarios: install()'s defaults except a queue sized for
-# the 20,000-event burst. The default queue_capacity (10,000) is fixed on purpose by issue 3 (it bounds memory
-# during an outage at ~7 MB per client); a burst larger than the queue is dropped as queue_full by design,
-# counted, with a warning. The memory/outage scenario and the "defaults" section use no options at all.
-OURS_OPTIONS: Dict[str, Any] = {"queue_capacity": 25_000}
-DEFAULT_CAPACITY = 10_000  # Options().queue_capacity (issue 3), for the report's wording
-
-
-def install_call(options: Dict[str, Any]) -> str:
-    """``optimizely_odp_ext.install(client, queue_capacity=25_000)`` for these keyword options."""
-    keywords = "".join(f", {k}={v:_}" if type(v) is int else f", {k}={v!r}" for k, v in options.items())
-    return f"optimizely_odp_ext.install(client{keywords})"
-
-
-OURS_CALL = install_call(OURS_OPTIONS)
-DEFAULTS_CALL = install_call({})
-# For information: the target's options plus more requests in flight (the default max_in_flight is read from
-# the package at run time and written into the results file).
-MORE_IN_FLIGHT: Dict[str, Any] = {**OURS_OPTIONS, "max_in_flight": 8}
-
-# The spool section (issue 4): OURS_OPTIONS plus these; "spool_dir" is replaced by a fresh temporary directory
-# for every run (removed afterwards). Keys of the results: spool_caller1, spool_tput0, spool_tput50.
-SPOOL_VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
-    ("memory", "memory only", {}),
-    ("spool", "+ spool_dir", {"spool_dir": "<temp dir>"}),
-    ("spool_fsync", "+ spool_dir, spool_fsync=True", {"spool_dir": "<temp dir>", "spool_fsync": True}),
+from bench_harness import (
+    API_KEY,
+    DEFAULT_CAPACITY,
+    DEFAULTS_CALL,
+    HERE,
+    MORE_IN_FLIGHT,
+    OURS_CALL,
+    OURS_OPTIONS,
+    PACED_TARGETS,
+    SDK_QUIET_SECONDS,
+    SPOOL_KEYS,
+    SPOOL_SAMPLE_SECONDS,
+    SPOOL_VARIANTS,
+    TARGETS,
+    DirSampler,
+    FakeOdpServer,
+    Runner,
+    Settings,
+    dir_usage,
+    events_per_second,
+    filesystem_of,
+    install_call,
+    run_one,
+    summary,
 )
-SPOOL_KEYS = ("spool_caller1", "spool_tput0", "spool_tput50")
-SPOOL_SAMPLE_SECONDS = 0.01  # how often this process measures the spool directory's size
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-class Settings:
-    def __init__(self, quick: bool, repeats: Optional[int], spool_repeats: Optional[int] = None) -> None:
-        self.quick = quick
-        self.caller_calls = 4_000 if quick else 20_000
-        self.caller_warmup = 500 if quick else 1_000
-        self.events = 5_000 if quick else 20_000
-        self.memory_events = 10_000  # the default queue_capacity of ours; the SDK keeps at most 1,000
-        self.memory_warmup = 200
-        self.repeats = repeats if repeats is not None else (1 if quick else 3)
-        self.spool_repeats = spool_repeats if spool_repeats is not None else self.repeats
-        self.latency = 0.05
-        self.deliver_deadline = 60.0 if quick else 120.0
-
-
-# ----------------------------------------------------------------------------- one subprocess
-
-
-class WorkerError(RuntimeError):
-    pass
-
-
-class Worker:
-    """A bench_worker.py subprocess and its line protocol (every wait bounded)."""
-
-    def __init__(self, cfg: Dict[str, Any]) -> None:
-        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in finish()
-        self.proc = subprocess.Popen(
-            [sys.executable, WORKER, json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=ROOT,
-        )
-        self._lines: queue.Queue[Optional[str]] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name="bench-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def expect(self, phase: str, timeout: float) -> Dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WorkerError(f"no '{phase}' from the worker within {timeout:.0f} s")
-            try:
-                line = self._lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise WorkerError(f"worker exited before '{phase}' (rc={self.proc.poll()}): {self.stderr_tail()}")
-            if not line.startswith("@@"):
-                continue
-            message: Dict[str, Any] = json.loads(line[2:])
-            if message.get("phase") == phase:
-                return message
-
-    def command(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(text + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
-
-    def stderr_tail(self) -> str:
-        try:
-            self._stderr.seek(0)
-            return self._stderr.read()[-2000:].strip()
-        except (OSError, ValueError):
-            return ""
-
-    def finish(self, timeout: float = 30.0) -> None:
-        """Waits for the worker to exit; kills it (this process's own child, by handle) if it does not."""
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._reader.join(5)
-        self._stderr.close()
-
-
-# ----------------------------------------------------------------------------- server records
-
-
-def wait_for_delivery(server: FakeOdpServer, expected: int, deadline: float, quiet: float) -> str:
-    """Until all ``expected`` events are recorded, or no request came for ``quiet`` s, or the deadline."""
-    seen = 0
-    end = time.monotonic() + deadline
-    while True:
-        if server.wait_for_events(expected, 0):
-            return "all"
-        remaining = end - time.monotonic()
-        if remaining <= 0:
-            return "deadline"
-        if not server.wait_for_requests(seen + 1, min(quiet, remaining)):
-            return "quiet" if remaining > quiet else "deadline"
-        seen += 1
-
-
-def server_view(server: FakeOdpServer, tag: str, sent: int, latency: float) -> Dict[str, Any]:
-    """Exact delivery counts from the server's records for the ids ``{tag}-00000000`` .. ``sent - 1``."""
-    expected = {f"{tag}-{i:08d}" for i in range(sent)}
-    ids = [event.get("data", {}).get("idempotence_id") for event in server.events]
-    unique = set(ids)
-    requests = server.requests
-    accepted = [r for r in requests if r.status == 202]
-    statuses: Dict[str, int] = {}
-    for r in requests:
-        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
-    return {
-        "delivered": len(unique & expected),
-        "lost": len(expected - unique),
-        "duplicated": len(ids) - len(unique),
-        "foreign": len(unique - expected),
-        "requests": len(requests),
-        "statuses": statuses,
-        "connections": server.connection_count,
-        "t_last_event": (max(r.received_at for r in accepted) + latency) if accepted else None,
-    }
-
-
-def run_one(server: FakeOdpServer, cfg: Dict[str, Any], latency: float, settings: Settings) -> Dict[str, Any]:
-    """One scenario for one target in a fresh subprocess; returns the worker's and the server's figures."""
-    server.reset()
-    server.set_latency(latency)
-    worker = Worker(cfg)
-    try:
-        if cfg["scenario"] == "memory":
-            ready = worker.expect("ready", 90)
-            server.fail_for(3600)  # an outage: every request gets 503 until cleared below
-            worker.command("go")
-            sent = worker.expect("sent", 90)
-            sent["warm_drained"] = ready.get("warm_drained")
-            server.fail_for(0)  # ODP answers again: the worker drains what it held, then closes
-            worker.command("drain")
-            final = worker.expect("final", settings.deliver_deadline + 60)
-            delivery = "drained" if final.get("drained") else "not drained"
-        else:
-            sent = worker.expect("sent", settings.deliver_deadline + 60)
-            delivery = wait_for_delivery(server, sent["sent"], settings.deliver_deadline, SDK_QUIET_SECONDS)
-            worker.command("close")
-            final = worker.expect("final", 60)
-        view = server_view(server, cfg["tag"], sent["sent"], latency)
-        return {"ok": True, "sent": sent, "final": final, "server": view, "delivery": delivery}
-    except WorkerError as exc:
-        return {"ok": False, "error": str(exc)}
-    finally:
-        worker.finish()
-        server.reset()
-
+from bench_tables import (
+    background_cpu_per_10k,
+    cpu_per_10k,
+    describe_options,
+    dropped_queue_full,
+    effective_options,
+    fmt,
+    load_average,
+    lossless,
+    machine,
+    med,
+    ok_runs,
+    per_1000,
+    ratio,
+    send_seconds,
+    server_total,
+    span_seconds,
+    table,
+    total,
+    write_results,
+)
 
 # ----------------------------------------------------------------------------- the scenarios
 
 
-class Bench:
-    def __init__(self, server: FakeOdpServer, settings: Settings) -> None:
-        self.server = server
-        self.settings = settings
-        self.counter = 0
-        self.log: List[str] = []
-
-    def cfg(self, target: str, scenario: str, options: Optional[Dict[str, Any]] = None,
-            **extra: Any) -> Dict[str, Any]:
-        """One worker's config; ``options`` (install()'s keywords, ours only) default to OURS_OPTIONS."""
-        self.counter += 1
-        if target != "ours":
-            options = {}
-        elif options is None:
-            options = dict(OURS_OPTIONS)
-        return {"target": target, "scenario": scenario, "url": self.server.url, "key": API_KEY,
-                "tag": f"r{self.counter:03d}{target}", "options": options, **extra}
-
-    def say(self, text: str) -> None:
-        print(text, flush=True)
-        self.log.append(text)
-
-    def repeat(self, label: str, make_cfg: Callable[[str], Dict[str, Any]], latency: float,
-               targets: Sequence[str] = TARGETS) -> Dict[str, List[Dict[str, Any]]]:
-        runs: Dict[str, List[Dict[str, Any]]] = {t: [] for t in targets}
-        for index in range(self.settings.repeats):
-            for target in targets:
-                started = time.monotonic()
-                result = run_one(self.server, make_cfg(target), latency, self.settings)
-                runs[target].append(result)
-                self.say(f"  {label} [{target}] run {index + 1}/{self.settings.repeats}: "
-                         f"{summary(result)} ({time.monotonic() - started:.1f} s)")
-        return runs
+class Bench(Runner):
+    """The scenarios: each is a worker config (see bench_worker.py) run for each target by ``repeat``."""
 
     def caller(self, threads: int) -> Dict[str, List[Dict[str, Any]]]:
         s = self.settings
         return self.repeat(f"caller cost, {threads} thread(s)",
                            lambda t: self.cfg(t, "caller", threads=threads, calls=s.caller_calls,
                                               warmup=s.caller_warmup, deadline=s.deliver_deadline), 0.0)
+
+    def paced(self) -> Dict[str, List[Dict[str, Any]]]:
+        """A web app's pace (issue 12): 1 thread, calls spread evenly, against a floor measured alike."""
+        s = self.settings
+        return self.repeat(f"paced, {s.paced_calls:,} calls over {s.paced_seconds:g} s",
+                           lambda t: self.cfg(t, "paced", calls=s.paced_calls, seconds=s.paced_seconds,
+                                              warmup=s.paced_warmup, deadline=s.deliver_deadline), 0.0,
+                           PACED_TARGETS)
 
     def throughput(self, latency: float, options: Optional[Dict[str, Any]] = None,
                    targets: Sequence[str] = TARGETS) -> Dict[str, List[Dict[str, Any]]]:
@@ -320,7 +143,6 @@ class Bench:
             runs[target] = [result]
             self.say(f"  memory during an outage [{target}]: {summary(result)} ({time.monotonic() - started:.1f} s)")
         return runs
-
 
     def spool(self) -> Dict[str, Dict[str, List[Dict[str, Any]]]]:
         """The spool section: each scenario, each variant in turn, ``spool_repeats`` times (interleaved)."""
@@ -369,274 +191,7 @@ class Bench:
         return result
 
 
-def dir_usage(directory: str) -> Tuple[int, int]:
-    """(bytes, files) under ``directory`` now; files removed while it is walked are skipped."""
-    size = files = 0
-    for folder, _dirs, names in os.walk(directory):
-        for name in names:
-            try:
-                size += os.stat(os.path.join(folder, name)).st_size
-                files += 1
-            except OSError:
-                continue
-    return size, files
-
-
-def filesystem_of(path: str) -> str:
-    """``ext4 on /dev/vda (/)``: the mount holding ``path`` (fsync costs differ a lot between filesystems)."""
-    path = os.path.realpath(path)
-    best = ("", "unknown", "unknown")
-    try:
-        with open("/proc/mounts") as handle:
-            for line in handle:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1]
-                inside = path == point or path.startswith(point.rstrip("/") + "/")
-                if inside and len(point) > len(best[0]):
-                    best = (point, fields[2], fields[0])
-    except OSError:
-        pass
-    return f"{best[1]} on {best[2]} ({best[0] or '?'})"
-
-
-class DirSampler:
-    """Measures a directory's size every SPOOL_SAMPLE_SECONDS in a thread of this (the parent) process,
-    so the worker under test pays nothing for it; keeps the peak."""
-
-    def __init__(self, directory: str, limit_seconds: float = 900.0) -> None:
-        self.directory = directory
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._limit = limit_seconds
-        self._thread = threading.Thread(target=self._run, name="bench-spool-sampler", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        end = time.monotonic() + self._limit  # bounded even if stop() is never called
-        while not self._stop.wait(SPOOL_SAMPLE_SECONDS) and time.monotonic() < end:
-            self.peak = max(self.peak, dir_usage(self.directory)[0])
-            self.samples += 1
-
-    def stop(self) -> Tuple[int, int]:
-        self._stop.set()
-        self._thread.join(10)
-        return self.peak, self.samples
-
-
-def summary(result: Dict[str, Any]) -> str:
-    if not result.get("ok"):
-        return f"ERROR {result.get('error')}"
-    sent, view = result["sent"], result["server"]
-    parts = [f"sent {sent['sent']}", f"delivered {view['delivered']}", f"lost {view['lost']}",
-             f"dup {view['duplicated']}", f"requests {view['requests']}", f"connections {view['connections']}"]
-    if "p50_us" in sent:
-        parts.append(f"p50 {sent['p50_us']:.1f} us p99 {sent['p99_us']:.1f} us max {sent['max_us']:.0f} us")
-    if "held" in sent:
-        parts.append(f"held {sent['held']} rss +{sent['hwm_kib'] - sent['rss0_kib']} KiB")
-    rate = events_per_second(result)
-    if rate is not None:
-        parts.append(f"{rate:,.0f} ev/s")
-    dropped = (result.get("final") or {}).get("stats_before_close", {}).get("dropped") or {}
-    if any(dropped.values()):
-        parts.append("ours dropped " + " ".join(f"{k}={v}" for k, v in dropped.items() if v))
-    if "cpu_after_send_and_flush" in sent:
-        parts.append(f"cpu {sent['cpu_after_send_and_flush']:.2f} s")
-    if sent.get("thread_cpu"):
-        groups: Dict[str, float] = {}
-        for name, seconds in sent["thread_cpu"].items():
-            group = ("senders" if name.startswith("odp-ext-sender") else
-                     "worker" if name in ("odp-ext-worker", "OdpThread") else
-                     "main" if name == "main" else "other")
-            groups[group] = groups.get(group, 0.0) + seconds
-        parts.append("thread cpu since start " + " ".join(f"{k} {v:.2f}" for k, v in sorted(groups.items())))
-    io = sent.get("io") or {}
-    if "wchar" in io and sent.get("sent"):
-        parts.append(f"written {io['wchar'] / sent['sent']:.0f} B/event in {io.get('syscw', 0)} write calls")
-    disk = result.get("spool_disk")
-    if disk:
-        parts.append(f"spool peak {disk['peak_bytes'] / 1024:.0f} KiB, left after close {disk['left_bytes']} B "
-                     f"in {disk['left_files']} file(s)")
-    return ", ".join(parts)
-
-
-# ----------------------------------------------------------------------------- derived figures
-
-
-def events_per_second(result: Dict[str, Any]) -> Optional[float]:
-    if not result.get("ok") or "t_first" not in result["sent"]:
-        return None
-    t_last = result["server"]["t_last_event"]
-    if t_last is None:
-        return 0.0
-    span = t_last - result["sent"]["t_first"]
-    return result["server"]["delivered"] / span if span > 0 else None
-
-
-def span_seconds(result: Dict[str, Any]) -> Optional[float]:
-    t_last = result["server"]["t_last_event"] if result.get("ok") else None
-    return None if t_last is None else t_last - result["sent"]["t_first"]
-
-
-def median(values: Sequence[Optional[float]]) -> Optional[float]:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def ok_runs(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return [r for r in runs if r.get("ok")]
-
-
-def med(runs: List[Dict[str, Any]], getter: Callable[[Dict[str, Any]], Optional[float]]) -> Optional[float]:
-    return median([getter(r) for r in ok_runs(runs)])
-
-
-def total(runs: List[Dict[str, Any]], getter: Callable[[Dict[str, Any]], int]) -> Optional[int]:
-    good = ok_runs(runs)
-    return sum(getter(r) for r in good) if good else None
-
-
-def server_total(runs: List[Dict[str, Any]], key: str) -> Optional[int]:
-    """A count summed over the good runs: ``sent`` from the worker, anything else from the server."""
-    good = ok_runs(runs)
-    if not good:
-        return None
-    return sum(int(r["sent"]["sent"] if key == "sent" else r["server"][key]) for r in good)
-
-
-def lossless(runs: List[Dict[str, Any]]) -> bool:
-    good = ok_runs(runs)
-    return bool(good) and len(good) == len(runs) and all(
-        r["server"]["lost"] == 0 and r["server"]["duplicated"] == 0 for r in good)
-
-
-def send_seconds(result: Dict[str, Any]) -> Optional[float]:
-    value = result["sent"].get("send_seconds")
-    return None if value is None else float(value)
-
-
-def per_1000(runs: List[Dict[str, Any]], key: str) -> Optional[float]:
-    def one(r: Dict[str, Any]) -> Optional[float]:
-        delivered = r["server"]["delivered"]
-        return r["server"][key] * 1000 / delivered if delivered else None
-    return med(runs, one)
-
-
-def cpu_per_10k(runs: List[Dict[str, Any]], per: str = "delivered") -> Optional[float]:
-    """Process CPU per 10,000 events ``delivered`` (server) or ``sent`` (calls made)."""
-    def one(r: Dict[str, Any]) -> Optional[float]:
-        cpu = r["final"].get("cpu_seconds")
-        count = r["server"]["delivered"] if per == "delivered" else r["sent"]["sent"]
-        return cpu * 10_000 / count if cpu is not None and count else None
-    return med(runs, one)
-
-
-def background_cpu_per_10k(runs: List[Dict[str, Any]]) -> Optional[float]:
-    """CPU of the target's own threads (everything but the caller's) per 10,000 delivered events."""
-    def one(r: Dict[str, Any]) -> Optional[float]:
-        threads = r["final"].get("thread_cpu_before_close") or {}
-        cpu = sum(seconds for name, seconds in threads.items() if name != "main")
-        delivered = r["server"]["delivered"]
-        return cpu * 10_000 / delivered if threads and delivered else None
-    return med(runs, one)
-
-
-def effective_options(results: Dict[str, Dict[str, List[Dict[str, Any]]]], key: str) -> Dict[str, Any]:
-    """The options ours ran with in scenario ``key``, as the worker read them back (empty when unknown)."""
-    for r in ok_runs(results.get(key, {}).get("ours", [])):
-        found = r["sent"].get("effective_options")
-        if found:
-            return dict(found)
-    return {}
-
-
-def describe_options(options: Dict[str, Any]) -> str:
-    """``queue_capacity 25,000, max_in_flight 4, ...`` for the options that matter to these scenarios."""
-    parts = []
-    for name in ("queue_capacity", "max_in_flight", "batch_size", "flush_interval", "overflow", "gzip"):
-        if name in options:
-            value = options[name]
-            parts.append(f"{name} {fmt(value) if type(value) is int else value}")
-    return ", ".join(parts)
-
-
-def dropped_queue_full(runs: List[Dict[str, Any]]) -> Optional[int]:
-    """Ours' own count of events dropped as queue_full (odp_event_stats() before close), over the runs."""
-    return total(runs, lambda r: int(((r.get("final") or {}).get("stats_before_close", {}).get("dropped") or {})
-                                     .get("queue_full", 0)))
-
-
-def fmt(value: Optional[float], digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,.{digits}f}"
-
-
-def ratio(ours: Optional[float], sdk: Optional[float]) -> str:
-    if ours is None or sdk is None or sdk == 0:
-        return "n/a"
-    value = ours / sdk
-    return f"{value:.2f}x" if value < 100 else f"{value:,.0f}x"
-
-
 # ----------------------------------------------------------------------------- the report
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as handle:
-            return " ".join(handle.read().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def machine(load_before: str) -> List[Tuple[str, str]]:
-    from importlib import metadata
-
-    import optimizely_odp_ext
-
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 0
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10, check=False).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    try:
-        sdk_version = metadata.version("optimizely-sdk")
-    except metadata.PackageNotFoundError:
-        sdk_version = "not installed"
-    return [
-        ("nproc (usable CPUs)", str(usable)),
-        ("CPU model", model),
-        ("OS", f"{platform.system()} {platform.release()} ({platform.machine()})"),
-        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
-        ("optimizely-sdk", sdk_version),
-        ("optimizely-odp-ext", f"{optimizely_odp_ext.__version__} (commit {commit}; working tree as run)"),
-        ("date (UTC)", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")),
-        ("load average (1, 5, 15 min) before / after the run", f"{load_before} / {load_average()}"),
-    ]
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
 
 
 def report(run: Dict[str, Any]) -> Tuple[str, List[Tuple[str, bool, str]]]:
@@ -662,7 +217,13 @@ def report(run: Dict[str, Any]) -> Tuple[str, List[Tuple[str, bool, str]]]:
     out += ["", "## Command", "", f"    {command}", "",
             f"Mode: {mode}; each caller-cost and throughput scenario run {settings.repeats} time(s) per target "
             f"(figures are medians over the runs; loss columns are totals over the runs); "
-            f"total time {elapsed:.0f} s.", "",
+            f"total time {elapsed:.0f} s.", ""]
+    for update in run.get("updates", []):
+        load = next((v for k, v in update["machine"] if k.startswith("load average")), "unknown")
+        when = next((v for k, v in update["machine"] if k.startswith("date")), "unknown")
+        out += [f"Then `{update['command']}` ({when} UTC, {update['elapsed']:.0f} s, load average before / after "
+                f"{load}) replaced the figures of: {', '.join(update['scenarios'])}.", ""]
+    out += [
             "Targets: **SDK** = a plain `Optimizely` client (the SDK's own ODP event manager: batch 10, flush "
             "interval 1 s, queue 1,000, a new connection per request)."]
     if ours_options:
@@ -723,6 +284,9 @@ def report(run: Dict[str, Any]) -> Tuple[str, List[Tuple[str, bool, str]]]:
         rows.append((f"{threads} thread{'s' if threads > 1 else ''}", "events lost (all runs)",
                      fmt(lost["sdk"]), fmt(lost["ours"]), ""))
     out += table(["setting", "metric", "SDK", "ours", "ours/SDK"], rows)
+
+    if "paced" in results:
+        out += paced_section(results["paced"], settings)
 
     # --- throughput
     out += ["", "## End-to-end throughput and loss", "",
@@ -937,6 +501,68 @@ def report(run: Dict[str, Any]) -> Tuple[str, List[Tuple[str, bool, str]]]:
     return "\n".join(out), verdicts
 
 
+PACED_MARGIN = 0.25  # seconds: "one request" on loopback, and the scheduling of a loaded machine
+
+
+def paced_section(runs: Dict[str, List[Dict[str, Any]]], settings: Settings) -> List[str]:
+    """Caller cost at a web app's pace (issue 12): floor, SDK and ours, as ratios, and delivery latency."""
+    calls, seconds = settings.paced_calls, settings.paced_seconds
+    out = ["", "## Caller cost at a web app's pace (issue 12)", "",
+           f"1 thread, {calls:,} timed calls spread evenly over {seconds:g} s (one every "
+           f"{seconds / calls * 1000:.1f} ms, sleeping in between as a request handler does), after "
+           f"{settings.paced_warmup} untimed warm-up calls; healthy server, no added latency. **floor** = a plain "
+           "function doing the same argument checks and a `deque.append`, at the same pace, in the same run "
+           "(after an idle pause even that costs far more than in a burst: cold caches), so compare ratios. "
+           "Targets run interleaved, each run in a fresh subprocess. Delivery latency = from the call to the "
+           "server having read the request carrying that event.", ""]
+    metric = {t: {m: med(runs.get(t, []), lambda r, m=m: r["sent"][m]) for m in ("p50_us", "p99_us", "max_us",
+                                                                                     "mean_us")}
+              for t in PACED_TARGETS}
+    rows = []
+    for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("max_us", "max"), ("mean_us", "mean")):
+        f, sdk, ours = (metric[t][key] for t in PACED_TARGETS)
+        rows.append((f"caller {label} (µs)", fmt(f, 2), fmt(sdk, 2), fmt(ours, 2), ratio(ours, f), ratio(ours, sdk)))
+
+    def waited(target: str, key: str) -> Optional[float]:
+        value = med(runs.get(target, []), lambda r: (r["server"].get("delivery_latency") or {}).get(key))
+        return None if value is None else value * 1000
+
+    for key, label in (("p50_s", "p50"), ("p99_s", "p99"), ("max_s", "max")):
+        sdk, ours = waited("sdk", key), waited("ours", key)
+        rows.append((f"delivery latency {label} (ms)", "", fmt(sdk, 0), fmt(ours, 0), "", ratio(ours, sdk)))
+    for metric_name in ("lost", "duplicated"):
+        rows.append((f"events {metric_name} (all runs)", "", fmt(server_total(runs.get("sdk", []), metric_name)),
+                     fmt(server_total(runs.get("ours", []), metric_name)), "", ""))
+    out += table(["metric", "floor", "SDK", "ours", "ours/floor", "ours/SDK"], rows)
+    # Noise: the ratios run by run (run i of each target ran back to back).
+    per_run = []
+    for f_run, s_run, o_run in zip(*(runs.get(t, []) for t in PACED_TARGETS)):
+        if f_run.get("ok") and s_run.get("ok") and o_run.get("ok"):
+            per_run.append(f"{ratio(o_run['sent']['p50_us'], f_run['sent']['p50_us'])} / "
+                           f"{ratio(o_run['sent']['p50_us'], s_run['sent']['p50_us'])} / "
+                           f"{ratio(o_run['sent']['p99_us'], s_run['sent']['p99_us'])}")
+    if per_run:
+        out += ["", "Run by run, p50 ours/floor / p50 ours/SDK / p99 ours/SDK: " + "; ".join(per_run) + "."]
+    interval = float(effective_options({"paced": runs}, "paced").get("flush_interval", 1.0))
+    f50, s50, o50 = (metric[t]["p50_us"] for t in PACED_TARGETS)
+    s99, o99 = metric["sdk"]["p99_us"], metric["ours"]["p99_us"]
+    worst = waited("ours", "max_s")
+    checks = [
+        (o50 is not None and f50 is not None and o50 <= 1.5 * f50,
+         f"caller p50 at most 1.5x the floor: {ratio(o50, f50)}"),
+        (o50 is not None and s50 is not None and o50 <= 0.15 * s50,
+         f"caller p50 at most 0.15x the SDK's: {ratio(o50, s50)}"),
+        (o99 is not None and s99 is not None and o99 <= 0.3 * s99,
+         f"caller p99 at most 0.3x the SDK's: {ratio(o99, s99)}"),
+        (worst is not None and worst <= (interval + PACED_MARGIN) * 1000,
+         f"delivery latency at most flush_interval ({interval:g} s) plus one request ({PACED_MARGIN:g} s allowed): "
+         f"max {fmt(worst, 0)} ms"),
+    ]
+    out += ["", "Targets of issue 12:", ""]
+    out += [f"- **{'MET' if ok else 'NOT MET'}** — {text}." for ok, text in checks]
+    return out
+
+
 def spool_section(results: Dict[str, Dict[str, List[Dict[str, Any]]]], settings: Settings,
                   ours_call: str) -> List[str]:
     """The table of the spool section: memory only vs spool_dir vs spool_dir + spool_fsync, and a summary."""
@@ -1072,6 +698,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="runs per scenario and variant in the spool section (default: as --repeats)")
     parser.add_argument("--no-spool", action="store_true",
                         help="skip the spool section (memory only vs spool_dir vs spool_dir + spool_fsync)")
+    parser.add_argument("--only", metavar="NAMES",
+                        help="run only these scenarios (comma-separated, e.g. paced) and update their figures in "
+                             "the last run's raw file and results")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target of issue 5 is not met")
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"),
                         help="the results file to write (its raw figures go beside it, .json)")
@@ -1082,6 +711,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.render, encoding="utf-8") as handle:
             return write_report(json.load(handle), args.output, None, args.strict)
     settings = Settings(args.quick, args.repeats, args.spool_repeats)
+    only = set(args.only.split(",")) if args.only else None
     command = " ".join([os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(os.getcwd())
                         else sys.executable, *([os.path.relpath(sys.argv[0])] if sys.argv else []),
                         *(argv if argv is not None else sys.argv[1:])])
@@ -1094,28 +724,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bench.say(f"FakeOdpServer at {server.url}; mode {'quick' if settings.quick else 'full'}, "
                   f"{settings.repeats} run(s) per scenario; ours = {OURS_CALL} unless options= says otherwise "
                   f"(memory: {DEFAULTS_CALL})")
-        results["caller1"] = bench.caller(1)
-        results["caller4"] = bench.caller(4)
-        results["tput0"] = bench.throughput(0.0)
-        results["tput50"] = bench.throughput(settings.latency)
-        if not args.no_info:
-            results["tput0_defaults"] = bench.throughput(0.0, {}, targets=("ours",))
-            results["tput50_defaults"] = bench.throughput(settings.latency, {}, targets=("ours",))
-            results["tput0_mif8"] = bench.throughput(0.0, MORE_IN_FLIGHT, targets=("ours",))
-            results["tput50_mif8"] = bench.throughput(settings.latency, MORE_IN_FLIGHT, targets=("ours",))
-            results["ceil0_4"] = bench.ceiling(0.0, 4)
-            results["ceil0_8"] = bench.ceiling(0.0, 8)
-            results["ceil50_4"] = bench.ceiling(settings.latency, 4)
-            results["ceil50_8"] = bench.ceiling(settings.latency, 8)
-        results["memory"] = bench.memory()
-        if not args.no_spool:
-            results.update(bench.spool())
+        for name, run_scenario in plan(bench, settings, info=not args.no_info, spool=not args.no_spool):
+            if only is None or name in only:
+                results.update(run_scenario())
     finally:
         server.stop()
+    elapsed = time.monotonic() - started
+    if only is not None:
+        # Only some scenarios ran: their figures replace those of the last full run, which keeps its own.
+        with open(raw_path, encoding="utf-8") as handle:
+            run = json.load(handle)
+        run["results"].update(results)
+        run["log"] += [f"--- {command}", *bench.log[1:]]
+        run.setdefault("updates", []).append({"command": command, "scenarios": sorted(only),
+                                              "elapsed": elapsed, "machine": machine(load_before)})
+        return write_report(run, args.output, raw_path, args.strict)
     run = {"quick": settings.quick, "repeats": settings.repeats, "spool_repeats": settings.spool_repeats,
            "command": command, "ours_options": OURS_OPTIONS,
-           "elapsed": time.monotonic() - started, "machine": machine(load_before), "log": bench.log, "results": results}
+           "elapsed": elapsed, "machine": machine(load_before), "log": bench.log, "results": results}
     return write_report(run, args.output, raw_path, args.strict)
+
+
+Group = Dict[str, List[Dict[str, Any]]]
+
+
+def plan(bench: Bench, settings: Settings, info: bool,
+         spool: bool) -> List[Tuple[str, Callable[[], Dict[str, Group]]]]:
+    """Every scenario of a run, in order: its name (for ``--only``) and how to run it, giving its results by key.
+
+    A new scenario is a line here, a method of :class:`Bench` (its worker config), a function in
+    ``bench_worker.py`` and its table in :func:`report`.
+    """
+    latency = settings.latency
+
+    def one(key: str, run: Callable[[], Group]) -> Tuple[str, Callable[[], Dict[str, Group]]]:
+        return key, lambda: {key: run()}
+
+    steps = [one("caller1", lambda: bench.caller(1)), one("caller4", lambda: bench.caller(4)),
+             one("paced", bench.paced),
+             one("tput0", lambda: bench.throughput(0.0)), one("tput50", lambda: bench.throughput(latency))]
+    if info:
+        steps += [one("tput0_defaults", lambda: bench.throughput(0.0, {}, targets=("ours",))),
+                  one("tput50_defaults", lambda: bench.throughput(latency, {}, targets=("ours",))),
+                  one("tput0_mif8", lambda: bench.throughput(0.0, MORE_IN_FLIGHT, targets=("ours",))),
+                  one("tput50_mif8", lambda: bench.throughput(latency, MORE_IN_FLIGHT, targets=("ours",))),
+                  one("ceil0_4", lambda: bench.ceiling(0.0, 4)), one("ceil0_8", lambda: bench.ceiling(0.0, 8)),
+                  one("ceil50_4", lambda: bench.ceiling(latency, 4)),
+                  one("ceil50_8", lambda: bench.ceiling(latency, 8))]
+    steps.append(one("memory", bench.memory))
+    if spool:
+        steps.append(("spool", bench.spool))
+    return steps
 
 
 def write_report(run: Dict[str, Any], output: str, raw_path: Optional[str], strict: bool) -> int:
@@ -1124,8 +783,7 @@ def write_report(run: Dict[str, Any], output: str, raw_path: Optional[str], stri
         with open(raw_path, "w", encoding="utf-8") as handle:
             json.dump(run, handle, indent=1)
     text, verdicts = report(run)
-    with open(output, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_results(text, output)
     print()
     print(text.split("## Raw per-run figures")[0])
     print(f"Wrote {os.path.relpath(output)}" + (f" and {os.path.relpath(raw_path)}" if raw_path else "") + ".")
@@ -1135,6 +793,7 @@ def write_report(run: Dict[str, Any], output: str, raw_path: Optional[str], stri
         print(f"{len(errors)} scenario run(s) failed; see the raw figures in the results file.")
         return 2
     return 1 if strict and not all(ok for _, ok, _ in verdicts) else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,148 @@
+"""From the caller's queue to batches, on the worker thread: resolve each event's target, encode it
+once, write it to the spool (opt-in), and cut batches by target, count and bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import List, Optional, Tuple
+
+from . import _compat
+from ._batch import Target, _Batch
+from ._outcomes import Outcomes
+from ._state import _WARN_EVERY
+from ._stats import UNDETERMINED
+from .event import Encoded, Pending, batch_size_bytes, encode
+from .transport import events_url
+
+_log = logging.getLogger(__name__)
+
+
+class Batcher(Outcomes):
+    """Moves events from ``_queue`` (and the spool's backlog) to ``_ready``, and ``_ready`` into batches."""
+
+    def _ingest(self, limit: int) -> None:
+        """Moves events to the ready list: the spool's backlog first, then the caller's queue.
+
+        Each event's target is resolved, its ``idempotence_id`` drawn and its JSON encoded once;
+        with the spool on, the group is appended to the spool before it can be sent.
+        """
+        ready = self._ready
+        while self._recovery is not None and len(ready) < limit:
+            try:
+                host, key, encoded = next(self._recovery)
+            except StopIteration:
+                self._recovery = None
+                break
+            except Exception:
+                _log.exception("reading the spool failed")
+                self.logger.error("ODP spool: reading events left by an earlier process failed; skipping the rest.")
+                self._recovery = None
+                break
+            encoded.seq = -1  # before everything of this process: flush() waits for these too
+            self._recovered_count += 1
+            ready.append((encoded, Target(host, key, events_url(host))))
+        queue = self._queue
+        group: List[Tuple[Target, Encoded]] = []
+        max_bytes = self.options.max_batch_bytes
+        while queue and len(ready) < limit:
+            # Pop first, then look: with overflow="drop_oldest" callers pop from this end too.
+            try:
+                item = queue.popleft()
+            except IndexError:
+                break
+            pending, target = item
+            if target is None:
+                # Sent before the datafile arrived: it takes the first ODP settings, once known.
+                if self._state is UNDETERMINED:
+                    queue.appendleft(item)
+                    break
+                target = self._initial_target
+            self._popped += 1
+            if target is None:
+                self._drop_unintegrated(pending)
+                continue
+            try:
+                encoded = encode(pending, self._defaults)
+            except Exception as exc:
+                # Whatever a pathological value raises (TypeError, RecursionError, MemoryError from a
+                # str subclass's __str__, ...), this event reaches an outcome and the others go on.
+                self._dropped["unencodable"] += 1
+                line = _compat.ODP_EVENT_FAILED.format(
+                    f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped")
+                self.logger.error(line)
+                if self._on_outcome is not None:
+                    self._report("unencodable", [pending], line)
+                continue
+            encoded.seq = self._popped + self._overflow_popped - 1
+            if batch_size_bytes(1, len(encoded)) > max_bytes:
+                self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
+                    f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "
+                    f"({max_bytes}); dropped"))
+                continue
+            ready.append((encoded, target))
+            group.append((target, encoded))
+            if len(group) >= self._batch_size and self._spool is not None:
+                # Written as it goes: a caller outpacing this loop must not keep everything in memory.
+                self._spool_append(group)
+                group = []
+        if group and self._spool is not None:
+            self._spool_append(group)
+
+    def _spool_append(self, group: List[Tuple[Target, Encoded]]) -> None:
+        spool = self._spool
+        assert spool is not None
+        try:
+            kept = spool.append([(target.host, target.key, encoded) for target, encoded in group])
+        except Exception as exc:
+            _log.exception("spool append failed")
+            self.logger.error(f"ODP spool: writing failed ({exc.__class__.__name__}: {exc}); "
+                              "continuing with memory-only delivery.")
+            self._spool = None
+            return
+        refused = len(group) - kept
+        if refused > 0:
+            # Over spool_max_bytes: the newest events of this group were not written; drop them.
+            for _ in range(refused):
+                self._ready.pop()
+            self._drop([e for _, e in group[kept:]], "queue_full", None)
+            self._spool_refused += refused
+            now = time.monotonic()
+            if now - self._last_spool_warning >= _WARN_EVERY:  # like the queue's: at most one per _WARN_EVERY
+                self._last_spool_warning = now
+                refused, self._spool_refused = self._spool_refused, 0
+                self.logger.warning(f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
+                                    f"dropped {refused} new event(s) since the last warning.")
+
+    def _take_batch(self) -> Optional[_Batch]:
+        """The next batch from the ready list: one target, up to batch_size and max_batch_bytes."""
+        events: List[Encoded] = []
+        target: Optional[Target] = None
+        body_bytes = 0
+        max_bytes = self.options.max_batch_bytes
+        ready = self._ready
+        while ready and len(events) < self._batch_size:
+            encoded, item_target = ready[0]
+            if target is None:
+                target = item_target
+            elif item_target != target:
+                break
+            if events and batch_size_bytes(len(events) + 1, body_bytes + len(encoded)) > max_bytes:
+                break
+            ready.popleft()
+            events.append(encoded)
+            body_bytes += len(encoded)
+        if not events or target is None:
+            return None
+        return _Batch(events, target)
+
+    def _drop_unintegrated(self, pending: Pending) -> None:
+        # Counted one by one, logged once per run of them (when the run ends).
+        self._dropped["not_integrated"] += 1
+        if self._on_outcome is not None:
+            self._report("not_integrated", [pending], _compat.ODP_NOT_INTEGRATED)
+        if not self._queue or self._queue[0][1] is not None:
+            self.logger.error(
+                f"{_compat.ODP_NOT_INTEGRATED} Discarded event(s) sent before the datafile was loaded "
+                f"({self._dropped['not_integrated']} so far).")

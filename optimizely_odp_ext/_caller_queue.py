@@ -1,0 +1,104 @@
+"""The caller-facing side of the manager: append to the queue, the overflow policy, waking the worker.
+
+Runs on the application's threads. The common path is a ``deque.append`` and a few attribute reads:
+no lock, no I/O. Only a full queue takes ``_count_lock`` (counting a drop) or, with
+``overflow="block"``, waits on ``_room`` for the worker to make room.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from . import _compat
+from ._outcomes import Outcomes
+from ._state import _IDLE_WAKE, _WARN_EVERY
+from ._stats import INTEGRATED, NOT_INTEGRATED, UNDETERMINED
+from .event import Pending
+
+
+class CallerQueue(Outcomes):
+    """``enqueue()`` and what a full queue does (``overflow``: drop_newest, drop_oldest, block)."""
+
+    def enqueue(self, pending: Pending) -> bool:
+        """Queues one validated event. Runs on the caller's thread: O(1), no I/O, no waiting
+        (except with ``overflow="block"`` and a full queue: then up to ``block_timeout``).
+
+        Returns:
+            True when the event was accepted, False when it was discarded (and logged).
+        """
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self._closed:
+            self.logger.error("ODP event not sent: the ODP event manager is closed.")
+            self.count_refused("closed")
+            return False
+        state = self._state
+        if state is not INTEGRATED and state is not UNDETERMINED:
+            not_integrated = state is NOT_INTEGRATED
+            self.logger.error(_compat.ODP_NOT_INTEGRATED if not_integrated else self._refusal)
+            self.count_refused("odp_not_integrated" if not_integrated else "host_refused")
+            return False
+        queue = self._queue
+        if len(queue) + len(self._ready) >= self._capacity and not self._overflow(pending):
+            return True  # accepted, then dropped as queue_full (counted in _overflow)
+        queue.append((pending, self._target))
+        if self._worker is None:
+            self._start()
+        # Wake the worker only when it waits for callers (its last look found nothing to send), for
+        # a full batch, or, with the spool on, for the first event (written to disk at once, see
+        # SPOOL_INTERVAL). Any other time its own timer covers this event: see Scheduler._run.
+        if self._idle:
+            self._wake.set()
+        else:
+            size = len(queue)
+            if size % self._batch_size == 0 or (size == 1 and self._spool is not None):
+                self._wake.set()
+        if self._finished:
+            return self._refuse_late()
+        return True
+
+    def _overflow(self, pending: Pending) -> bool:
+        """The queue is full. Returns True when the new event may still be appended."""
+        if self.options.overflow == "block" and self._wait_for_room():
+            return True
+        now = time.monotonic()
+        with self._count_lock:
+            self._overflowed += 1
+            self._overflow_since_warning += 1
+            make_room = self.options.overflow == "drop_oldest"
+            dropped_event = pending
+            if make_room:
+                try:
+                    dropped_event = self._queue.popleft()[0]
+                    self._overflow_popped += 1
+                except IndexError:
+                    # Everything waiting is already with the worker (read from the spool, or
+                    # encoded): nothing older to drop here, so the new event is the one dropped.
+                    make_room = False
+            if self._on_outcome is not None:
+                self._overflow_report.append(dropped_event)
+            if now - self._last_overflow_warning >= _WARN_EVERY:
+                dropped, self._overflow_since_warning = self._overflow_since_warning, 0
+                self._last_overflow_warning = now
+                self.logger.warning(
+                    f"ODP event queue is full ({self._capacity} events); dropped {dropped} "
+                    f"{'oldest' if make_room else 'new'} event(s) since the last warning.")
+        return make_room
+
+    def _wait_for_room(self) -> bool:
+        """overflow="block": waits up to ``block_timeout`` for room. Returns True when there is room."""
+        deadline = time.monotonic() + self.options.block_timeout
+        with self._room:
+            self._room_waiters += 1
+            try:
+                # Closing lets the caller through: close() then delivers or counts the event.
+                while len(self._queue) + len(self._ready) >= self._capacity and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._finished:
+                        return False
+                    self._wake.set()  # a full queue is a full batch: the worker must be draining
+                    self._room.wait(min(remaining, _IDLE_WAKE))
+                return True
+            finally:
+                self._room_waiters -= 1

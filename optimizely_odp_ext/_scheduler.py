@@ -1,0 +1,276 @@
+"""The delivery scheduler: the worker thread's loop and what happens to each batch.
+
+Flow on the worker, each pass:
+
+1. take the senders' replies: count deliveries, schedule retries, split rejected batches
+   (:mod:`._bisect`), send events queued under a replaced key with the current one (``_rekey``);
+2. dispatch: split halves first, then a due retry (only one "probe" while ODP is failing, so an
+   outage costs one request per backoff period and order of arrival is kept), then new batches
+   (:mod:`._batcher`) once a batch is full or ``flush_interval`` has passed;
+3. sleep until woken (a full batch, a reply, a flush, close) or until the next deadline.
+
+Everything here runs on the worker thread only, which owns the delivery state: no locks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from typing import Optional
+
+from . import _compat
+from ._batch import _Batch, _describe, _first_attempt, _rejection
+from ._batcher import Batcher
+from ._bisect import Bisector
+from ._state import _IDLE_WAKE, _WARN_EVERY, SPOOL_INTERVAL
+from ._stats import UNDETERMINED
+from .retry import Verdict, classify
+from .transport import Reply, mask_key
+
+_log = logging.getLogger(__name__)
+
+
+class Scheduler(Batcher, Bisector):
+    """The worker loop (``_run``/``_step``), the outcome of each reply, retries, the probe, dispatching."""
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                timeout = self._step()
+            except Exception:
+                # The worker never dies: log and go on (state stays consistent: every mutation
+                # above is completed before the next can fail).
+                _log.exception("ODP event worker: unexpected error; continuing")
+                self.logger.error("ODP event worker hit an unexpected error and carries on.")
+                timeout = 0.05
+            if timeout is None:
+                if self._in_background:
+                    self._finish()
+                break
+            if timeout > 0:
+                # Callers wake an idle worker on every append (see enqueue); the flag is raised
+                # before the last look at the queue, so an append is either seen here or wakes us.
+                # Only a worker whose last dispatch found nothing waiting is woken by callers; any
+                # other worker has a timer that covers a new event (the flush interval of the
+                # batch being filled, a backoff, the close deadline), or a reply or a full batch
+                # wakes it, and new events could not be sent before that anyway.
+                self._idle = self._seen_empty
+                if not (self._idle and self._queue):
+                    self._wake.wait(timeout)
+                self._idle = False
+
+    def _step(self) -> Optional[float]:
+        """One pass. Returns how long to sleep, or None to stop (closing and done, or deadline)."""
+        now = time.monotonic()
+        if self._overflow_report:
+            self._report_overflow()
+        self._take_results(now)
+        self._expire(now)
+        if self._spool is not None and self._queue:
+            # Durable quickly: what a crash can lose is what arrived since the last pass.
+            self._ingest(self._capacity)
+        if self._closing and not self._close_seen:
+            self._close_seen = True
+            # Shutdown cuts every retry wait short; the close deadline bounds the whole.
+            self._retry_heap = [(min(due, now), seq, batch) for due, seq, batch in self._retry_heap]
+            heapq.heapify(self._retry_heap)
+        if self._closing and (now >= self._close_deadline or self._nothing_left()):
+            if self._spool is not None and self._queue:
+                self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
+            self._update_low_water()
+            return None
+        self._dispatch(now)
+        self._update_low_water()
+        if self._room_waiters:
+            with self._room:
+                self._room.notify_all()
+        return self._next_wake(time.monotonic())
+
+    def _nothing_left(self) -> bool:
+        if self._live or self._ready or self._in_flight or self._recovery is not None:
+            return False
+        if not self._queue:
+            return True
+        # Only events held for a datafile that never came are left: nothing can send them.
+        return self._state is UNDETERMINED and self._queue[0][1] is None
+
+    def _update_low_water(self) -> None:
+        low = -1 if self._recovery is not None else self._popped + self._overflow_popped
+        if self._ready:
+            low = min(low, self._ready[0][0].seq)
+        for batch in self._live.values():
+            low = min(low, batch.min_seq)
+        self._low_water = low
+        if self._flush_waiters:
+            with self._flush_cond:
+                self._flush_cond.notify_all()
+
+    def _next_wake(self, now: float) -> float:
+        wake = _IDLE_WAKE
+        if self._retry_heap and not self._probe_in_flight:
+            wake = min(wake, self._retry_heap[0][0] - now)
+        if self._partial_since is not None:
+            wake = min(wake, self._partial_since + self.options.flush_interval - now)
+        if self._closing:
+            wake = min(wake, self._close_deadline - now)
+        if self._spool is not None and self._queue:
+            wake = min(wake, SPOOL_INTERVAL)
+        return max(wake, 0.001)
+
+    def _take_results(self, now: float) -> None:
+        results = self._results
+        while results:
+            batch, reply = results.popleft()
+            self._in_flight_batches.pop(id(batch), None)
+            self._in_flight -= 1
+            self._in_flight_events -= len(batch.events)
+            was_probe, batch.probe = batch.probe, False
+            if was_probe:
+                self._probe_in_flight = False
+            verdict = classify(reply.status, len(batch.events))
+            if verdict is Verdict.DELIVERED:
+                self._finish_batch(batch)
+                self._delivered += len(batch.events)
+                self._ack(batch.events)
+                if self._on_outcome is not None:
+                    self._report("delivered", batch.events, f"HTTP {reply.status}")
+                self._refusing_alike = None
+                if batch.family is not None and not batch.family.delivered:
+                    batch.family.delivered = True
+                    self._release_held(batch.family)
+                if self._failing_since is not None:
+                    self._recovered(now)
+            elif verdict is Verdict.RETRY:
+                self._schedule_retry(batch, reply, now)
+            elif reply.status == 400:
+                self._finish_batch(batch)
+                self._on_refused(batch, reply)
+            elif verdict is Verdict.SPLIT:
+                self._finish_batch(batch)
+                self._split(batch, batch.family)
+            else:
+                self._finish_batch(batch)
+                if reply.status in (401, 403) and self._rekey(batch, reply):
+                    continue
+                reason = "too_large" if reply.status == 413 else "rejected"
+                self._drop(batch.events, reason, _rejection(reply, batch))
+
+    def _rekey(self, batch: _Batch, reply: Reply) -> bool:
+        """A 401/403 for events queued under a key the datafile has since replaced: once, the current key."""
+        target = self._target
+        if batch.rekeyed or target is None or target.key == batch.target.key:
+            return False
+        moved = _Batch(batch.events, target, batch.first_attempt)
+        moved.rekeyed = True
+        self._live[id(moved)] = moved
+        self._priority.append(moved)
+        self.logger.info(f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
+                         f"sending {len(batch.events)} event(s) queued under it with the current key "
+                         f"{mask_key(target.key)}.")
+        return True
+
+    def _schedule_retry(self, batch: _Batch, reply: Reply, now: float) -> None:
+        batch.attempts += 1
+        first = _first_attempt(batch)
+        if self._policy.expired(first, now):
+            self._give_up(batch, f" after {batch.attempts} attempt(s) over {now - first:.0f} s; "
+                                 f"last: {_describe(reply)}")
+            return
+        delay = self._policy.delay(batch.attempts, reply.retry_after)
+        if self._closing:
+            # Shutdown cuts retry waits short; the close deadline still bounds the whole.
+            delay = min(delay, 1.0)
+        self._retries += 1
+        heapq.heappush(self._retry_heap, (now + delay, next(self._retry_seq), batch))
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._last_failure_warning >= _WARN_EVERY:
+            self._last_failure_warning = now
+            self.logger.warning(
+                f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
+                f"(next attempt in {delay:.1f} s).")
+
+    def _give_up(self, batch: _Batch, why: str) -> None:
+        self._finish_batch(batch)
+        self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
+            f"gave up on {len(batch.events)} event(s){why}"))
+
+    def _recovered(self, now: float) -> None:
+        assert self._failing_since is not None
+        self.logger.info(f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
+        self._failing_since = None
+        # ODP answers again: every waiting retry may go now, oldest first.
+        self._retry_heap = [(now, seq, batch) for _, seq, batch in self._retry_heap]
+        heapq.heapify(self._retry_heap)
+
+    def _expire(self, now: float) -> None:
+        heap = self._retry_heap
+        if not heap:
+            return
+        kept = []
+        for entry in heap:
+            if self._policy.expired(_first_attempt(entry[2]), now):
+                self._give_up(entry[2], f": retry window of {self._policy.window:g} s expired")
+            else:
+                kept.append(entry)
+        if len(kept) != len(heap):
+            heapq.heapify(kept)
+            self._retry_heap = kept
+
+    def _dispatch(self, now: float) -> None:
+        self._seen_empty = False
+        limit = self.options.max_in_flight
+        while self._priority and self._in_flight < limit:
+            self._submit(self._priority.popleft(), now)
+        if self._retry_heap or self._probe_in_flight:
+            if self._failing_since is not None or self._probe_in_flight:
+                # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
+                if not self._probe_in_flight and self._in_flight < limit:
+                    due, _, batch = self._retry_heap[0]
+                    if due <= now:
+                        heapq.heappop(self._retry_heap)
+                        batch.probe = True
+                        self._probe_in_flight = True
+                        self._submit(batch, now)
+                return
+            # ODP answers again: the batches that waited go first, as many at once as allowed.
+            heap = self._retry_heap
+            while heap and self._in_flight < limit and heap[0][0] <= now:
+                self._submit(heapq.heappop(heap)[2], now)
+            if heap:
+                return
+        hurry = self._closing or self._flush_waiters > 0 or self.options.flush_interval <= 0
+        while self._in_flight < limit:
+            waiting = len(self._queue) + len(self._ready)
+            if waiting == 0 and self._recovery is None:
+                self._partial_since = None
+                self._seen_empty = True  # callers wake us: nothing else would (see _run)
+                return
+            if waiting < self._batch_size and not hurry and self._recovery is None:
+                if self._partial_since is None:
+                    self._partial_since = now
+                if now - self._partial_since < self.options.flush_interval:
+                    return
+            self._ingest(self._capacity if self._spool is not None else self._batch_size)
+            new_batch = self._take_batch()
+            if new_batch is None:
+                # Nothing sendable (events held for the datafile): no timed wake-up, or the worker
+                # would spin every millisecond; update_config() and enqueue() wake it.
+                self._partial_since = None
+                return
+            self._live[id(new_batch)] = new_batch
+            self._submit(new_batch, now)
+            self._partial_since = now if self._queue or self._ready else None
+
+    def _submit(self, batch: _Batch, now: float) -> None:
+        if batch.first_attempt is None:
+            batch.first_attempt = now
+        self._in_flight += 1
+        self._in_flight_events += len(batch.events)
+        if self._on_outcome is not None:
+            self._in_flight_batches[id(batch)] = batch
+        self._requests += 1
+        self._send_queue.append(batch)
+        self._send_ready.release()

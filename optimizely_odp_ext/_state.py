@@ -1,0 +1,127 @@
+"""The event manager's state, declared once for all its pieces, and who may touch what.
+
+:class:`~optimizely_odp_ext.manager.EventManager` is assembled from one class per job (the caller's
+queue, the scheduler, the batcher, the bisector, the sender pool, the outcomes); each derives from
+:class:`ManagerState`, so the state they share is listed here, grouped by the thread that owns it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+
+from ._batch import Target, _Batch, _Item
+from ._stats import DROP_REASONS, REFUSE_REASONS
+from .event import Encoded, Pending
+from .retry import RetryPolicy
+from .settings import Options
+from .spool import Spool
+from .transport import Reply, Transport
+
+SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
+_WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
+_IDLE_WAKE = 5.0  # the worker looks around at least this often, even with nothing to do
+
+OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
+
+
+class ManagerState:
+    """Attributes of one manager. Set once in ``EventManager.__init__``, then per process below."""
+
+    options: Options
+    logger: Any
+    _transport_factory: Callable[[Options], Transport]
+    _policy: RetryPolicy
+    _defaults: Dict[str, Any]
+    _on_outcome: Optional[OutcomeCallback]
+    _outcome_failures: int  # on_outcome raised this often (worker only)
+    _timeout: Tuple[float, float]
+    _capacity: int
+    _batch_size: int
+    # The ODP settings of the current datafile (written by update_config(), read by everyone).
+    _state: str
+    _target: Optional[Target]
+    _initial_target: Optional[Target]
+    _refusal: str
+    _lifecycle: threading.RLock
+    _closed: bool
+    _spool: Optional[Spool]
+    _recovery: Optional[Iterator[Tuple[str, str, Encoded]]]
+
+    def _reset_runtime(self) -> None:
+        """Everything that belongs to one process: queue, threads, connections, counters."""
+        self._pid = os.getpid()
+        # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
+        # flag below has a single writer (the caller's side, close() or the worker, as noted).
+        self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)
+        self._wake = threading.Event()
+        self._start_lock = threading.Lock()
+        self._flush_cond = threading.Condition(threading.RLock())
+        self._worker: Optional[threading.Thread] = None
+        self._senders: List[threading.Thread] = []
+        # Worker -> senders and back (see _senders): the only hand-offs between those threads.
+        self._send_queue: Deque[Optional[_Batch]] = collections.deque()
+        self._send_ready = threading.Semaphore(0)
+        self._results: Deque[Tuple[_Batch, Reply]] = collections.deque()
+        self._transport: Optional[Transport] = None
+        self._closing = False
+        self._finished = False
+        self._in_background = False  # closing without a caller waiting (the client was garbage-collected)
+        self._idle = False
+        self._seen_empty = True
+        self._close_seen = False
+        self._close_deadline = 0.0
+        self._flush_waiters = 0
+        # overflow="block": callers waiting for room; the worker notifies only when there are some.
+        self._room = threading.Condition(threading.Lock())
+        self._room_waiters = 0
+        # Counted by the caller's side, on rare paths only (under _count_lock).
+        self._count_lock = threading.RLock()
+        self._overflowed = 0
+        # on_outcome only: events the caller's side dropped as queue_full, for the worker to report.
+        self._overflow_report: Deque[Pending] = collections.deque()
+        self._overflow_popped = 0  # drop_oldest: events that left the queue from the caller's side
+        self._refused: Dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
+        self._last_overflow_warning = -_WARN_EVERY
+        self._overflow_since_warning = 0
+        # Owned by the worker thread: only the worker writes these, so they are not locked. Other threads
+        # only read them (stats(), flush()'s barrier), and a read of an int or a len() is atomic.
+        self._popped = 0
+        self._delivered = 0
+        self._dropped: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._requests = 0
+        self._retries = 0
+        self._in_flight = 0
+        self._in_flight_events = 0
+        self._in_flight_batches: Dict[int, _Batch] = {}  # on_outcome only: which events were in flight
+        self._probe_in_flight = False
+        self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
+        self._priority: Deque[_Batch] = collections.deque()
+        self._retry_heap: List[Tuple[float, int, _Batch]] = []
+        self._retry_seq = itertools.count()
+        self._live: Dict[int, _Batch] = {}
+        # Events taken from the queue: target resolved, encoded once (and spooled, with the spool on).
+        self._ready: Deque[Tuple[Encoded, Target]] = collections.deque()
+        self._recovered_count = 0
+        self._recovery = None
+        self._left_in_spool = 0
+        self._partial_since: Optional[float] = None
+        self._failing_since: Optional[float] = None
+        self._last_failure_warning = -_WARN_EVERY
+        self._last_spool_warning = -_WARN_EVERY
+        self._spool_refused = 0  # dropped by a full spool since the last warning about it
+        self._low_water = 0
+
+    if TYPE_CHECKING:
+        # The lifecycle of one manager, provided by EventManager (manager.py): the pieces call these
+        # hooks but never import the manager.
+        def _start(self) -> None: ...
+
+        def _after_fork(self) -> None: ...
+
+        def _refuse_late(self) -> bool: ...
+
+        def _finish(self) -> None: ...
