@@ -8,13 +8,17 @@ no lock, no I/O. Only a full queue takes ``_count_lock`` (counting a drop) or, w
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from . import _compat
 from ._outcomes import Outcomes
-from ._state import _IDLE_WAKE, _WARN_EVERY
+from ._state import _IDLE_WAKE, _WARN_EVERY, STALL_SECONDS
 from ._stats import INTEGRATED, NOT_INTEGRATED, UNDETERMINED
 from .event import Pending
+
+# One line per process: every manager of it would stall alike.
+_stall_reported = False
 
 
 class CallerQueue(Outcomes):
@@ -48,12 +52,12 @@ class CallerQueue(Outcomes):
         # Wake the worker only when it waits for callers (its last look found nothing to send), for
         # a full batch, or, with the spool on, for the first event (written to disk at once, see
         # SPOOL_INTERVAL). Any other time its own timer covers this event: see Scheduler._run.
-        if self._idle:
+        size = len(queue)
+        full = size % self._batch_size == 0
+        if self._idle or full or (size == 1 and self._spool is not None):
             self._wake.set()
-        else:
-            size = len(queue)
-            if size % self._batch_size == 0 or (size == 1 and self._spool is not None):
-                self._wake.set()
+        if full and not _stall_reported:
+            self._check_stalled(size)
         if self._finished:
             return self._refuse_late()
         return True
@@ -102,3 +106,22 @@ class CallerQueue(Outcomes):
                 return True
             finally:
                 self._room_waiters -= 1
+
+    def _check_stalled(self, waiting: int) -> None:
+        """A full batch waits: if the worker has not passed for STALL_SECONDS, threads do not run here.
+
+        The worker passes at least every few seconds whatever ODP does (HTTP is on the senders), so
+        a long silence means its thread gets no time at all: under uWSGI without threads support,
+        Python threads run only while a request runs Python code.
+        """
+        global _stall_reported  # noqa: PLW0603 - one line per process
+        stalled = time.monotonic() - self._last_pass
+        if stalled < STALL_SECONDS or self._worker is None:
+            return
+        _stall_reported = True
+        remedy = ("Add --enable-threads to the uWSGI command line (enable-threads = true in its ini)."
+                  if "uwsgi" in sys.modules else
+                  "Python threads are not running in this process (with gevent or eventlet, monkey-patch "
+                  "before importing optimizely_odp_ext).")
+        self.logger.error(f"ODP events are not being sent: the plugin's worker thread has not run for "
+                          f"{stalled:.0f} s while {waiting} events wait. {remedy}")

@@ -64,6 +64,7 @@ class Scheduler(Batcher, Bisector):
     def _step(self) -> Optional[float]:
         """One pass. Returns how long to sleep, or None to stop (closing and done, or deadline)."""
         now = time.monotonic()
+        self._last_pass = now
         if self._overflow_report:
             self._report_overflow()
         self._take_results(now)

@@ -11,6 +11,7 @@ import collections
 import itertools
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from ._batch import Target, _Batch, _Item
@@ -24,6 +25,9 @@ from .transport import Reply, Transport
 SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
 _WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
 _IDLE_WAKE = 5.0  # the worker looks around at least this often, even with nothing to do
+# A worker that has not passed for this long while events wait is not running at all: Python threads
+# do not run in this process (uWSGI without threads support, a frozen interpreter...).
+STALL_SECONDS = 15.0
 
 OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
 
@@ -71,6 +75,7 @@ class ManagerState:
         self._finished = False
         self._in_background = False  # closing without a caller waiting (the client was garbage-collected)
         self._idle = False
+        self._last_pass = time.monotonic()  # the worker's last pass (worker writes, callers read)
         self._seen_empty = True
         self._close_seen = False
         self._close_deadline = 0.0

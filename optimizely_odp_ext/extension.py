@@ -9,7 +9,6 @@ of an installed client carries none of this plugin's state (``__getstate__``).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import threading
 import types
@@ -49,7 +48,6 @@ _class_explicit: frozenset = frozenset()  # type: ignore[type-arg]
 _class_states: weakref.WeakSet[_ClientState] = weakref.WeakSet()
 # Clients whose stale send_odp_event (kept across uninstall) has said why it sends nothing.
 _stale_told: weakref.WeakSet[Any] = weakref.WeakSet()
-_uwsgi_told = threading.Event()  # set once the uWSGI-without-threads error was logged
 
 
 class _ClientState:
@@ -413,7 +411,6 @@ def install(client: Any = None, **options: Unpack[InstallOptions]) -> bool:
         return False
     if resolved.flush_on_sigterm:
         _lifecycle.enable_sigterm_flush(resolved.logger or _logger_of(client))
-    _check_uwsgi(None if client is None else _logger_of(client))
     cls = _optimizely_class()
     with _lock:
         if client is None:
@@ -421,45 +418,6 @@ def install(client: Any = None, **options: Unpack[InstallOptions]) -> bool:
         if not isinstance(client, cls):
             raise ConfigurationError(f"install() needs an Optimizely client, got {type(client).__name__}.")
         return _install_instance(client, resolved, explicit)
-
-
-def _check_uwsgi(logger: Any) -> None:
-    """Under uWSGI without threads our worker never runs: say so, once per process.
-
-    The ``uwsgi`` module is importable only inside uWSGI; ``uwsgi.opt`` holds its options (keys
-    and values as str or bytes, a bare flag as True). ``threads`` implies ``enable-threads``.
-    """
-    try:
-        uwsgi = importlib.import_module("uwsgi")
-    except ImportError:
-        return
-    opt = getattr(uwsgi, "opt", None)
-    if _uwsgi_told.is_set() or not isinstance(opt, dict):
-        return
-    values = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v for k, v in opt.items()}
-    if _uwsgi_on(values.get("enable-threads")) or _uwsgi_threads(values.get("threads")):
-        return
-    _uwsgi_told.set()
-    (logger or _log).error(
-        "optimizely_odp_ext: uWSGI runs without Python threads, so ODP events will never be sent (they "
-        "pile up in memory). Add --enable-threads to the uWSGI command line (enable-threads = true in its ini).")
-
-
-def _uwsgi_text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):  # an option given twice: the last one counts
-        value = value[-1] if value else None
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return str(value).strip().lower()
-
-
-def _uwsgi_on(value: Any) -> bool:
-    return value is True or (value is not None and _uwsgi_text(value) in ("1", "true", "yes", "on", "y"))
-
-
-def _uwsgi_threads(value: Any) -> bool:
-    text = "" if value is None else _uwsgi_text(value)
-    return text.isdigit() and int(text) > 0
 
 
 def _install_class(cls: type, options: Options, explicit: frozenset) -> bool:  # type: ignore[type-arg]

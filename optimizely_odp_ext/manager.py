@@ -171,6 +171,7 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
             # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
             # start threads while the interpreter is exiting, which is when the exit flush runs.
             self._start_senders()
+            self._last_pass = time.monotonic()  # the stall check counts from the worker's start
             worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
             worker.start()
             self._worker = worker

@@ -9,6 +9,7 @@ import pathlib
 import re
 import sys
 import threading
+import time
 import types
 import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -17,10 +18,13 @@ import pytest
 from optimizely import logger as sdk_logger
 
 import optimizely_odp_ext
-from optimizely_odp_ext import extension
+from optimizely_odp_ext import _caller_queue, extension
+from optimizely_odp_ext._state import STALL_SECONDS
 from optimizely_odp_ext.event import Pending
+from optimizely_odp_ext.extension import manager_of
 from optimizely_odp_ext.manager import DROP_REASONS, REFUSE_REASONS, EventManager, OdpEventStats
 from optimizely_odp_ext.settings import MIRROR_LOGGER, Options, VisibleLogger, make_options, visible
+from optimizely_odp_ext.testing import FakeOdpServer
 from optimizely_odp_ext.transport import Reply, Timeout
 from tests.conftest import TEST_KEY, RecordingHandler
 
@@ -222,55 +226,84 @@ def test_the_client_state_uses_a_visible_logger(make_client: MakeClient, log: An
     assert manager.logger.inner is log[0]
 
 
-# ----------------------------------------------------------------- uWSGI without threads
+# ----------------------------------------------------------------- threads that never run (uWSGI)
+#
+# uWSGI without Python threads support runs the plugin's worker only while a request runs Python
+# code, so events pile up. Which uWSGI options turn threads on differs between releases (2.0.31 on
+# Python 3.11 turns them on by itself), so the plugin does not guess from options: it reports a
+# worker that has not run for STALL_SECONDS while a full batch waits, once per process.
 
 
 @pytest.fixture
-def fake_uwsgi(monkeypatch: pytest.MonkeyPatch) -> Callable[[Dict[Any, Any]], None]:
-    """Makes ``import uwsgi`` work as inside a uWSGI worker with the given options."""
-    monkeypatch.setattr(extension, "_uwsgi_told", threading.Event())
+def stalled_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[EventManager], threading.Event]]:
+    """Makes a manager's worker stop running (as without threads support) until the returned
+    event is set (at the latest when the test ends)."""
+    monkeypatch.setattr(_caller_queue, "_stall_reported", False)
+    release = threading.Event()
+    stalled: List[EventManager] = []
 
-    def run_with(opt: Dict[Any, Any]) -> None:
-        monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(opt=opt))
+    def stall(manager: EventManager) -> threading.Event:
+        entered = threading.Event()
 
-    return run_with
+        def blocked_step() -> Optional[float]:
+            entered.set()
+            release.wait(30)
+            return None
 
+        monkeypatch.setattr(manager, "_step", blocked_step)
+        manager._wake.set()
+        assert entered.wait(5)
+        manager._last_pass = time.monotonic() - STALL_SECONDS - 1  # as if it had not run since
+        stalled.append(manager)
+        return release
 
-UWSGI_LINE = ("optimizely_odp_ext: uWSGI runs without Python threads, so ODP events will never be sent (they pile "
-              "up in memory). Add --enable-threads to the uWSGI command line (enable-threads = true in its ini).")
-
-
-def _install_and_collect(caplog: pytest.LogCaptureFixture, client: Optional[Any] = None) -> List[str]:
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        try:
-            optimizely_odp_ext.install(client)
-        finally:
-            optimizely_odp_ext.uninstall(client)
-    return [r.getMessage() for r in caplog.records if "uWSGI" in r.getMessage()]
-
-
-@pytest.mark.parametrize("opt", [{"master": True}, {b"master": True, b"processes": b"4"},
-                                 {"enable-threads": b"false"}, {b"threads": b"0"}, {}])
-def test_uwsgi_without_threads_is_reported_once(fake_uwsgi: Callable[[Dict[Any, Any]], None],
-                                                caplog: pytest.LogCaptureFixture, make_client: MakeClient,
-                                                opt: Dict[Any, Any]) -> None:
-    fake_uwsgi(opt)
-    assert _install_and_collect(caplog) == [UWSGI_LINE]
-    assert _install_and_collect(caplog, make_client("https://odp.example")) == []  # once per process
+    yield stall
+    release.set()
 
 
-@pytest.mark.parametrize("opt", [{"enable-threads": True}, {b"enable-threads": b"1"}, {"enable-threads": b"true"},
-                                 {b"threads": b"4"}, {"threads": "2"}, {b"enable-threads": [b"0", b"1"]}])
-def test_uwsgi_with_threads_is_quiet(fake_uwsgi: Callable[[Dict[Any, Any]], None],
-                                     caplog: pytest.LogCaptureFixture, opt: Dict[Any, Any]) -> None:
-    fake_uwsgi(opt)
-    assert _install_and_collect(caplog) == []
+def _stall_lines(log: Any) -> List[str]:
+    return [line for line in log[1].errors() if "worker thread has not run" in line]
 
 
-def test_uwsgi_line_goes_to_the_clients_logger(fake_uwsgi: Callable[[Dict[Any, Any]], None],
-                                               make_client: MakeClient, log: Any) -> None:
-    fake_uwsgi({"master": True})
-    client = make_client("https://odp.example", logger=log[0])
-    assert optimizely_odp_ext.install(client) is True
-    assert log[1].errors() == [UWSGI_LINE]
+def _lines_of_a_stalled_client(stall: Callable[[EventManager], threading.Event], make_client: MakeClient,
+                               server: FakeOdpServer, log: Any) -> List[str]:
+    client = make_client(server.url, logger=log[0])
+    assert optimizely_odp_ext.install(client, batch_size=5, flush_interval=60) is True
+    client.send_odp_event("a", {"fs_user_id": "u"})
+    manager = manager_of(client)
+    assert manager is not None
+    release = stall(manager)
+    for _ in range(20):  # four full batches: one line, not four
+        client.send_odp_event("a", {"fs_user_id": "u"})
+    release.set()
+    optimizely_odp_ext.uninstall(client)
+    return _stall_lines(log)
+
+
+def test_a_worker_that_never_runs_under_uwsgi_is_reported_once_with_the_flag(
+        stalled_worker: Callable[[EventManager], threading.Event], monkeypatch: pytest.MonkeyPatch,
+        make_client: MakeClient, odp_server: FakeOdpServer, log: Any) -> None:
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(opt={"master": True}))
+    lines = _lines_of_a_stalled_client(stalled_worker, make_client, odp_server, log)
+    assert len(lines) == 1, lines
+    assert "Add --enable-threads to the uWSGI command line" in lines[0]
+
+
+def test_a_worker_that_never_runs_elsewhere_is_reported_once(
+        stalled_worker: Callable[[EventManager], threading.Event], make_client: MakeClient,
+        odp_server: FakeOdpServer, log: Any) -> None:
+    lines = _lines_of_a_stalled_client(stalled_worker, make_client, odp_server, log)
+    assert len(lines) == 1, lines
+    assert "Python threads are not running in this process" in lines[0]
+
+
+def test_a_running_worker_is_never_reported(monkeypatch: pytest.MonkeyPatch, make_client: MakeClient,
+                                            odp_server: FakeOdpServer, log: Any) -> None:
+    monkeypatch.setattr(_caller_queue, "_stall_reported", False)
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(opt={"master": True}))
+    client = make_client(odp_server.url, logger=log[0])
+    assert optimizely_odp_ext.install(client, batch_size=5, flush_interval=60) is True
+    for _ in range(50):
+        client.send_odp_event("a", {"fs_user_id": "u"})
+    optimizely_odp_ext.uninstall(client)
+    assert _stall_lines(log) == []
