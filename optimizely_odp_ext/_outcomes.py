@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ._batch import _Batch
@@ -96,6 +97,10 @@ class Outcomes(ManagerState):
 
     def stats(self) -> OdpEventStats:
         """Delivery counts so far, in this process (every key: :class:`OdpEventStats`)."""
+        if self._pid != os.getpid():
+            # A child forked without Python's fork hooks (uWSGI forks in C) starts with its own zero
+            # counts, not its parent's.
+            self._after_fork()
         dropped = dict(self._dropped)
         dropped["queue_full"] += self._overflowed
         accepted = self._accepted()

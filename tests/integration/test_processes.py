@@ -287,3 +287,33 @@ def test_sigterm_during_the_exit_close_lets_it_finish_then_hands_over(tmp_path: 
         # Delivered first, then ended as SIGTERM would have ended it.
         assert result.returncode == -signal.SIGTERM, result.stderr
         assert_delivered_exactly_once(server, ids("exiting", 20))
+
+
+_C_FORK = """
+    import ctypes
+
+    client = make_client()
+    send(client, "parent", 50)
+    assert client.flush_odp_events(30)
+    read_end, write_end = os.pipe()
+    # fork() from C, as uWSGI forks its workers: Python's fork hooks do not run in the child.
+    pid = ctypes.PyDLL(None).fork()
+    if pid == 0:
+        os.write(write_end, json.dumps(client.odp_event_stats()).encode())
+        os._exit(0)
+    os.close(write_end)
+    child_stats = json.loads(os.read(read_end, 65536).decode())
+    os.waitpid(pid, 0)
+    print(json.dumps({"child": child_stats, "parent": client.odp_event_stats()}), flush=True)
+    client.close()
+"""
+
+
+def test_a_child_forked_in_c_starts_with_its_own_zero_counts(tmp_path: Path) -> None:
+    with FakeOdpServer(TEST_KEY) as server:
+        result = _run(_script(tmp_path, _C_FORK), _env(server))
+        assert result.returncode == 0, result.stderr
+        stats = json.loads(result.stdout)
+        assert (stats["parent"]["accepted"], stats["parent"]["delivered"]) == (50, 50)
+        assert (stats["child"]["accepted"], stats["child"]["delivered"], stats["child"]["requests"]) == (0, 0, 0)
+        assert_delivered_exactly_once(server, ids("parent", 50))
