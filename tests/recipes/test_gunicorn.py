@@ -206,11 +206,16 @@ def _stop_with_odp_hanging(server: Gunicorn, odp: FakeOdpServer) -> float:
     """Boots with every ODP request hanging, has each process send, stops: the seconds the stop took."""
     odp.hang_next(1000)  # every request hangs until the test ends: no process can deliver anything
     server.start()
-    server.send_requests([f"request-{n}" for n in range(REQUESTS)])
-    # The master and both workers each have events in flight that ODP does not answer.
+    # The master and both workers each have events in flight that ODP does not answer. Which worker
+    # serves a request is the kernel's choice: send rounds (bounded) until each worker has served.
     everyone = {server.master_pid, *server.worker_pids}
+    served: Set[int] = set()
+    for round_ in range(10):
+        served |= server.send_requests([f"request-{round_}-{n}" for n in range(REQUESTS)])
+        if served >= server.worker_pids:
+            break
     assert wait_until(lambda: _hung_senders(odp) >= everyone, timeout=10.0, interval=0.05), \
-        (_hung_senders(odp), everyone)
+        (_hung_senders(odp), everyone, served)
     seconds = server.stop()
     assert not odp.events  # nothing could be delivered: every process spent its budget
     return seconds
