@@ -64,10 +64,13 @@ def forks_later() -> bool:
         return False
 
 
-def prepare() -> None:
-    """In a process that forks later: the hand-over token and the post-fork hook (once per process)."""
+def prepare(logger: Any) -> None:
+    """In a process that forks later: the hand-over token and the post-fork hook (once per process);
+    one error on ``logger`` when other threads run here and uWSGI will not take the GIL to fork."""
     global _token, _token_pid, _hooked  # noqa: PLW0603 - process-wide, once
     with _lock:
+        if not _hooked:
+            _check_threads(logger)
         if _token is None or _token_pid != os.getpid():
             read_end, write_end = os.pipe()
             os.set_blocking(read_end, False)
@@ -76,6 +79,28 @@ def prepare() -> None:
         if not _hooked:
             _hooked = True
             _hook_post_fork()
+
+
+# Not reported: the SDK's decision-event thread (BatchEventProcessor) sleeps on its queue for its 30 s
+# flush interval, idle when uWSGI forks at boot (20 of 20 boots fine with it); the SDK's ODP thread
+# is stopped at install here (see _sdk_bridge.attach).
+_IDLE_SDK_THREADS = frozenset({"EventThread", "OdpThread"})
+
+
+def _check_threads(logger: Any) -> None:
+    """Threads the plugin does not own, running while uWSGI forks in C: only uWSGI can make that safe."""
+    options = getattr(_module(), "opt", None)
+    if not isinstance(options, dict) or "py-call-uwsgi-fork-hooks" in options:
+        return  # uWSGI takes the GIL and runs Python's fork hooks around each fork
+    main = threading.main_thread()
+    others = sorted(thread.name for thread in threading.enumerate()
+                    if thread is not main and thread.is_alive() and thread.name not in _IDLE_SDK_THREADS
+                    and not thread.name.startswith("odp-ext-"))
+    if others:
+        logger.error(f"uWSGI forks its workers from this process while other Python threads run here "
+                     f"({', '.join(others)}): a worker forked while one of them holds a lock hangs forever. "
+                     "Add --py-call-uwsgi-fork-hooks to the uWSGI command line (py-call-uwsgi-fork-hooks = true "
+                     "in its ini), or load the app in each worker with --lazy-apps.")
 
 
 def _hook_post_fork() -> None:

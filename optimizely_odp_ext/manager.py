@@ -103,7 +103,7 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         # started here, its events are held for one worker to deliver (see _uwsgi).
         self._held_for_fork = _uwsgi.forks_later()
         if self._held_for_fork:
-            _uwsgi.prepare()
+            _uwsgi.prepare(logger)
         self._reset_runtime()
         if options.spool_dir is not None:
             self._open_spool(options.spool_dir)

@@ -38,6 +38,7 @@ def uwsgi_master(monkeypatch: pytest.MonkeyPatch) -> Iterator[Dict[str, int]]:
     module.mule_id = lambda: identity["mule_id"]  # type: ignore[attr-defined]
     module.masterpid = lambda: identity["masterpid"]  # type: ignore[attr-defined]
     module.i_am_the_spooler = lambda: 0  # type: ignore[attr-defined]
+    module.opt = {"master": True, "processes": b"2"}  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "uwsgi", module)
     for name, value in (("_token", None), ("_token_pid", 0), ("_decided", None), ("_hooked", False)):
         monkeypatch.setattr(_uwsgi, name, value)
@@ -122,3 +123,28 @@ def test_a_worker_whose_post_fork_hook_did_not_run_takes_them_at_its_first_send(
     assert report["flushed"] is True
     assert (report["stats"]["accepted"], report["stats"]["delivered"]) == (15, 15)
     assert_delivered_exactly_once(odp_server, ids("master", 10) + ids("worker", 5))
+
+
+@pytest.mark.parametrize("fork_hooks", [False, True])
+def test_other_threads_in_the_master_one_error_naming_the_flag(
+        odp_server: FakeOdpServer, installed: Callable[..., Any], uwsgi_master: Dict[str, int], log: Any,
+        fork_hooks: bool) -> None:
+    if fork_hooks:
+        sys.modules["uwsgi"].opt["py-call-uwsgi-fork-hooks"] = True  # type: ignore[attr-defined]
+    stop = threading.Event()
+    poller = threading.Thread(target=stop.wait, args=(30,), name="PollThread", daemon=True)  # an sdk_key client's
+    poller.start()
+    try:
+        installed(odp_server)
+        installed(odp_server)  # a second client: still one line per process
+    finally:
+        stop.set()
+        poller.join(5)
+    errors = [line for line in log[1].errors() if "uWSGI forks its workers" in line]
+    if fork_hooks:
+        assert errors == []  # uWSGI takes the GIL and runs Python's fork hooks: nothing to add
+    else:
+        assert len(errors) == 1
+        assert "PollThread" in errors[0]
+        assert "OdpThread" not in errors[0]  # the SDK's ODP thread: stopped at install there
+        assert "--py-call-uwsgi-fork-hooks" in errors[0]
