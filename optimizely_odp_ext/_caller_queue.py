@@ -33,6 +33,10 @@ class CallerQueue(Outcomes):
         """
         if self._pid != os.getpid():
             self._after_fork()
+        if self._held_for_fork:
+            # A uWSGI master's events, not handed over yet: decided here once this process is a
+            # worker (when uWSGI's post-fork hook was replaced), never in the master (see _uwsgi).
+            self._uwsgi_started()
         if self._closed:
             self.logger.error("ODP event not sent: the ODP event manager is closed.")
             self.count_refused("closed")

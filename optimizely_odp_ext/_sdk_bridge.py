@@ -14,6 +14,7 @@ import threading
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
+from . import _uwsgi
 from .event import validate
 
 _log = logging.getLogger(__name__)
@@ -93,8 +94,13 @@ def attach(client: Any, enqueue: Callable[[Any], bool], logger: Any) -> Optional
     odp_manager.event_manager = bridge
     if original.is_running:
         # Its queue holds at most the identify events of contexts created before install: let it
-        # deliver them and stop, so that from now on one sender serves this client. Its stop()
-        # joins its thread, which may be in a request: never on the caller's thread.
+        # deliver them and stop, so that from now on one sender serves this client.
+        if _uwsgi.forks_later():
+            # A uWSGI master forks its workers in C: no thread of ours may run then (see _uwsgi),
+            # so its thread is stopped here, bounded by the SDK's own request timeout.
+            _stop_quietly(original)
+            return bridge
+        # Its stop() joins its thread, which may be in a request: never on the caller's thread.
         bridge.handover = threading.Thread(target=_stop_quietly, args=(original,), name="odp-ext-handover",
                                            daemon=True)
         bridge.handover.start()

@@ -54,6 +54,7 @@ class ManagerState:
     _closed: bool
     _spool: Optional[Spool]
     _recovery: Optional[Iterator[Tuple[str, str, Encoded]]]
+    _held_for_fork: bool  # a process uWSGI forks its workers from: no threads, events held (see _uwsgi)
 
     def _reset_runtime(self) -> None:
         """Everything that belongs to one process: queue, threads, connections, counters."""
@@ -126,6 +127,8 @@ class ManagerState:
         def _start(self) -> None: ...
 
         def _after_fork(self) -> None: ...
+
+        def _uwsgi_started(self) -> None: ...
 
         def _refuse_late(self) -> bool: ...
 

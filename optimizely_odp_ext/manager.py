@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Tuple
 
-from . import _compat, _lifecycle
+from . import _compat, _lifecycle, _uwsgi
 from ._batch import Target
 from ._caller_queue import CallerQueue
 from ._outcomes import _reasons
@@ -99,6 +99,11 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         self._closed = False
         self._spool: Optional[Spool] = None
         self._recovery: Optional[Iterator[Tuple[str, str, Encoded]]] = None
+        # A uWSGI master (or loading process) forks its workers in C while its threads run: none is
+        # started here, its events are held for one worker to deliver (see _uwsgi).
+        self._held_for_fork = _uwsgi.forks_later()
+        if self._held_for_fork:
+            _uwsgi.prepare(logger)
         self._reset_runtime()
         if options.spool_dir is not None:
             self._open_spool(options.spool_dir)
@@ -164,6 +169,8 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
     # ----------------------------------------------------------------- lifecycle
 
     def _start(self) -> None:
+        if self._held_for_fork:
+            return  # a process uWSGI forks from: the events wait for a worker (see _uwsgi)
         with self._start_lock:
             if self._worker is not None:
                 return
@@ -362,10 +369,44 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         return self._closed
 
     def _after_fork(self) -> None:
-        """In a forked child: a fresh queue, worker and connections; the parent's events stay the parent's."""
+        """In a forked child: a fresh queue, worker and connections; the parent's events stay the parent's.
+
+        Except for events a uWSGI master held for its workers: they come along, and
+        :meth:`_end_fork_hold` decides whether this process delivers them.
+        """
         if self._pid == os.getpid():
             return
+        held, recovery = (list(self._queue), self._recovery) if self._held_for_fork else ([], None)
         self._lifecycle = threading.RLock()  # another thread may have held it at fork time
         self._reset_runtime()
+        if self._held_for_fork:
+            self._queue.extend(held)
+            self._recovery = recovery
+            self._end_fork_hold()
+        elif self._spool is not None:
+            self._spool.after_fork()
+
+    def _uwsgi_started(self) -> None:
+        """uWSGI's post-fork hook, in each process it starts (see _uwsgi)."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        elif self._held_for_fork:
+            self._end_fork_hold()  # without --master, the loading process itself becomes worker 1
+
+    def _end_fork_hold(self) -> None:
+        """Delivers the events held before uWSGI's fork if this process took them, else forgets them."""
+        taken = _uwsgi.take_held_events()
+        if taken is None:
+            return  # not known yet: uWSGI's post-fork hook asks again
+        self._held_for_fork = False
+        if taken:
+            # This process carries on for the master: its queue, and its spool's backlog (the master
+            # never touches either again).
+            if self._recovery is not None:
+                self._low_water = -1
+            if self._queue or self._recovery is not None:
+                self._start()
+            return
+        self._reset_runtime()  # another process delivers them: zero counts here
         if self._spool is not None:
             self._spool.after_fork()
