@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, List, Optional, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from typing_extensions import Protocol
 
@@ -45,7 +45,10 @@ class Closable(Protocol):
     def _after_fork(self) -> None: ...
 
 
-_MANAGERS: weakref.WeakSet[Any] = weakref.WeakSet()
+# The registry, weakly held: id -> weak reference. A dict, not a WeakSet, so that a copy is one
+# C-level dict.copy(): a garbage-collected client's finalizer (Python code, possibly on this very
+# thread while it copies) can change the registry between two copies, never in the middle of one.
+_MANAGERS: Dict[int, weakref.ref[Any]] = {}
 # Managers closing (close() under way on some thread, or a garbage-collected client's manager
 # delivering in the background): held strongly until they finish, so that every exit path waits for
 # them too -- a SIGTERM arriving while a multiprocessing finalizer delivers must not cut it short.
@@ -56,8 +59,14 @@ _REGISTRY_LOCK = threading.RLock()
 
 def register(manager: Closable) -> None:
     """Adds a manager to the process's registry (weakly: a dropped manager leaves by itself)."""
+    key = id(manager)
+
+    def forget(ref: weakref.ref[Any]) -> None:  # the manager was collected
+        if _MANAGERS.get(key) is ref:
+            del _MANAGERS[key]
+
     with _REGISTRY_LOCK:
-        _MANAGERS.add(manager)
+        _MANAGERS[key] = weakref.ref(manager, forget)
     _arm_process_finalizers()
     _celery.connect_if_loaded()  # Celery's prefork children end without atexit: see _celery
     _gunicorn.connect_if_loaded()  # a gunicorn master delivers while its workers stop: see _gunicorn
@@ -75,24 +84,15 @@ def closing(manager: Closable, under_way: bool) -> None:
 def unregister(manager: Closable) -> None:
     """Removes a manager (closed managers leave the registry)."""
     with _REGISTRY_LOCK:
-        _MANAGERS.discard(manager)
+        ref = _MANAGERS.get(id(manager))
+        if ref is not None and ref() is manager:
+            del _MANAGERS[id(manager)]
 
 
 def live_managers() -> List[Any]:
     """The managers not closed yet, in this process."""
-    with _REGISTRY_LOCK:
-        return _snapshot(_MANAGERS)
-
-
-def _snapshot(items: Any) -> List[Any]:
-    """A copy of a registry set. The lock is re-entrant, so a garbage-collected client's finalizer
-    running on this thread mid-copy can still change the set: copy again (bounded)."""
-    for _ in range(100):
-        try:
-            return list(items)
-        except RuntimeError:  # "changed size during iteration"
-            continue
-    return []
+    refs = _MANAGERS.copy()  # atomic: see _MANAGERS
+    return [manager for manager in (ref() for ref in refs.values()) if manager is not None]
 
 
 def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bool = True) -> int:
@@ -113,7 +113,7 @@ def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bo
     managers = [m for m in live_managers()
                 if not m.closed and (not at_exit or getattr(m.options, "flush_at_exit", True))]
     with _REGISTRY_LOCK:
-        under_way = _snapshot(_CLOSING)
+        under_way = list(_CLOSING.copy())  # set.copy(): atomic, as _MANAGERS.copy()
     outer = _closing_thread is None
     if outer:
         _closing_thread = threading.get_ident()
@@ -248,7 +248,7 @@ def _after_fork_in_child() -> None:
     _CLOSING.clear()
     _arm_process_finalizers()
     _celery.connect_if_loaded()  # a Celery worker imported celery after its managers registered
-    for manager in _snapshot(_MANAGERS):
+    for manager in live_managers():
         try:
             manager._after_fork()
         except Exception:

@@ -184,6 +184,26 @@ def _registry_listeners(client: Any) -> Optional[List[Any]]:
     return listeners if isinstance(listeners, list) else None
 
 
+def _callback(entry: Any) -> Any:
+    """The callback of one registry entry ``(listener_id, callback)``, or None for anything else."""
+    return entry[1] if isinstance(entry, tuple) and len(entry) == 2 else None
+
+
+def _is_held(callback: Any, client: Any) -> bool:
+    return getattr(callback, "__self__", None) is client and getattr(callback, "__name__", None) == _HELD_METHOD
+
+
+def _replace(listeners: List[Any], match: Callable[[Any], bool], new: Callable[[Any], Any]) -> Optional[Any]:
+    """Replaces the callback of the first entry whose callback matches; returns the new callback.
+    Safe by index: finalizers never change the list (see _forget)."""
+    for index, entry in enumerate(listeners):
+        if match(_callback(entry)):
+            callback = new(entry[1])
+            listeners[index] = (entry[0], callback)
+            return callback
+    return None
+
+
 def loosen_registry_hold(client: Any) -> None:
     """Replaces the SDK registry's strong hold on ``client`` by a :class:`_WeakListener` (5.x)."""
     listeners = _registry_listeners(client)
@@ -191,15 +211,10 @@ def loosen_registry_hold(client: Any) -> None:
         return
     with _registry_lock:
         _purge(listeners)
-        for index, entry in enumerate(listeners):
-            if (isinstance(entry, tuple) and len(entry) == 2 and getattr(entry[1], "__self__", None) is client
-                    and getattr(entry[1], "__name__", None) == _HELD_METHOD):
-                weak = _WeakListener(entry[1])
-                # Safe by index: finalizers never change the list (see _forget).
-                listeners[index] = (entry[0], weak)
-                _loosened[client] = weak
-                weakref.finalize(client, _forget, weak).atexit = False
-                return
+        weak = _replace(listeners, lambda callback: _is_held(callback, client), _WeakListener)
+        if weak is not None:
+            _loosened[client] = weak
+            weakref.finalize(client, _forget, weak).atexit = False
 
 
 def restore_registry_hold(client: Any) -> None:
@@ -209,10 +224,7 @@ def restore_registry_hold(client: Any) -> None:
     if weak is None or listeners is None:
         return
     with _registry_lock:
-        for index, entry in enumerate(listeners):
-            if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is weak:
-                listeners[index] = (entry[0], getattr(client, _HELD_METHOD))
-                return
+        _replace(listeners, lambda callback: callback is weak, lambda _: getattr(client, _HELD_METHOD))
 
 
 # Stand-ins of collected clients, removed from the registry's list at the next install. A finalizer
@@ -230,7 +242,6 @@ def _purge(listeners: List[Any]) -> None:
     if not _dead:
         return
     dead = {id(weak) for weak in list(_dead)}
-    kept = [e for e in listeners if not (isinstance(e, tuple) and len(e) == 2 and id(e[1]) in dead)]
-    removed = {id(e[1]) for e in listeners if isinstance(e, tuple) and len(e) == 2 and id(e[1]) in dead}
-    listeners[:] = kept
+    removed = {id(_callback(e)) for e in listeners if id(_callback(e)) in dead}
+    listeners[:] = [e for e in listeners if id(_callback(e)) not in removed]
     _dead[:] = [weak for weak in _dead if id(weak) not in removed]
