@@ -317,3 +317,50 @@ def test_a_child_forked_in_c_starts_with_its_own_zero_counts(tmp_path: Path) -> 
         assert (stats["parent"]["accepted"], stats["parent"]["delivered"]) == (50, 50)
         assert (stats["child"]["accepted"], stats["child"]["delivered"], stats["child"]["requests"]) == (0, 0, 0)
         assert_delivered_exactly_once(server, ids("parent", 50))
+
+
+# ----------------------------------------------------------------- two clients in every process
+
+SECOND_KEY = "second-odp-key-0000000002"
+
+_TWO_CLIENTS = """
+    # Two clients per process, installed both ways, each with its own key.
+    optimizely_odp_ext.install(**OPTIONS)                                  # every client
+    CLASS_CLIENT = optimizely.Optimizely(datafile(URL, KEY))
+    INSTANCE_CLIENT = optimizely.Optimizely(datafile(URL, os.environ["SECOND_KEY"]))
+    optimizely_odp_ext.install(INSTANCE_CLIENT, **{**OPTIONS, "close_timeout": 5.0})  # its own options
+
+    def task(n):
+        send(CLASS_CLIENT, "class-child%d" % n, 100)
+        send(INSTANCE_CLIENT, "instance-child%d" % n, 100)
+        return n
+
+    if __name__ == "__main__":
+        multiprocessing.set_start_method("fork")
+        send(CLASS_CLIENT, "class-parent", 50)
+        send(INSTANCE_CLIENT, "instance-parent", 50)
+        if sys.argv[1] == "close-join":  # children end normally: multiprocessing's finalizers
+            pool = multiprocessing.Pool(2)
+            assert sorted(pool.map(task, range(4), chunksize=1)) == [0, 1, 2, 3]
+            pool.close()
+            pool.join()
+        else:  # "terminate": the context manager SIGTERMs the children
+            with multiprocessing.Pool(2) as pool:
+                assert sorted(pool.map(task, range(4), chunksize=1)) == [0, 1, 2, 3]
+        # No close() in the parent either: the interpreter's exit delivers both clients' queues.
+"""
+
+
+@pytest.mark.parametrize("ending", ["close-join", "terminate"])
+def test_two_clients_in_parent_and_forked_children_each_deliver_with_their_own_key(
+        tmp_path: Path, ending: str) -> None:
+    with FakeOdpServer(TEST_KEY, accepted_keys={TEST_KEY, SECOND_KEY}) as server:
+        env = {**_env(server, flush_interval=60, flush_on_sigterm=True), "SECOND_KEY": SECOND_KEY}
+        result = _run(_script(tmp_path, _TWO_CLIENTS), env, ending)
+        assert result.returncode == 0, result.stderr
+        by_client = {kind: ids(f"{kind}-parent", 50) + [i for n in range(4) for i in ids(f"{kind}-child{n}", 100)]
+                     for kind in ("class", "instance")}
+        assert_delivered_exactly_once(server, by_client["class"] + by_client["instance"])
+        by_key = {key: sorted(str(e["data"]["idempotence_id"]) for e in events)
+                  for key, events in server.events_by_key().items()}
+        assert by_key == {TEST_KEY: sorted(by_client["class"]), SECOND_KEY: sorted(by_client["instance"])}
