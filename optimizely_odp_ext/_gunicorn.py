@@ -28,6 +28,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from . import _lifecycle
+from ._threads import start_quiet
 
 _log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _wrap_stop(stop: Callable[..., Any]) -> Callable[..., Any]:
         try:
             closer = threading.Thread(target=_close_all, args=(_budget(self),), name="odp-ext-gunicorn-stop",
                                       daemon=True)
-            closer.start()
+            start_quiet(closer)
         except Exception:  # never into gunicorn's stop: the master's atexit hook delivers instead
             _log.exception("could not start delivering ODP events at gunicorn's stop")
             closer = None

@@ -33,6 +33,7 @@ import time
 import zlib
 from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
 
+from ._threads import start_quiet
 from .event import validate
 from .manager import EventManager
 from .settings import Options
@@ -599,7 +600,7 @@ class _CheckpointSaver:
         self.error: Optional[BaseException] = None
 
     def start(self) -> None:
-        self._thread.start()
+        start_quiet(self._thread)
 
     def stop(self) -> None:
         self._stop.set()

@@ -12,6 +12,7 @@ This module never imports the manager: it sees managers through :class:`Closable
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -19,11 +20,12 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from typing_extensions import Protocol
 
 from . import _celery, _gunicorn  # import this module back; use it only at call time
+from ._threads import start_quiet
 
 _log = logging.getLogger(__name__)
 
@@ -246,6 +248,8 @@ def _after_fork_in_child() -> None:
     _REGISTRY_LOCK = threading.RLock()
     # Managers closing in the parent: their threads are not here (their children start afresh).
     _CLOSING.clear()
+    if _sigterm_installed:
+        _watch_sigterm()  # the parent's pipe and thread are not this process's
     _arm_process_finalizers()
     _celery.connect_if_loaded()  # a Celery worker imported celery after its managers registered
     for manager in live_managers():
@@ -300,6 +304,7 @@ def enable_sigterm_flush(logger: Any = None) -> bool:
             logger.warning(f"flush_on_sigterm=True: cannot set a SIGTERM handler ({exc}).")
         return False
     _sigterm_previous, _sigterm_installed = previous, True
+    _watch_sigterm()
     return True
 
 
@@ -314,9 +319,12 @@ def disable_sigterm_flush() -> None:
     except (ValueError, OSError):
         return  # not on the main thread: leave ours, it hands over anyway
     _sigterm_installed = False
+    _unwatch_sigterm()
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    global _sigterm_entries  # noqa: PLW0603 - read by the watch (see _watch_sigterm)
+    _sigterm_entries += 1
     if _closing_thread == threading.get_ident():
         # The signal interrupted an exit close on this very thread (a multiprocessing finalizer,
         # the atexit hook): blocking here, inside the frame it interrupted, could wait on a lock
@@ -341,3 +349,98 @@ def _hand_over(signum: int, frame: Any) -> None:
         # The default action: end the process as SIGTERM would have, now that the events are out.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ----------------------------------------------------------------- SIGTERM watch
+
+# Python runs a signal handler when the main thread next executes Python code. If SIGTERM arrives
+# while the main thread is between two system calls of a C-level wait (glibc retries a futex wait
+# after a wake-up it lost to another waiter, without returning to Python), the signal is caught and
+# flagged but the main thread goes back to sleep, and our handler never runs: a multiprocessing
+# Pool worker waiting for its queue's lock then outlives Pool.terminate() forever (seen about once
+# in 70 terminates of a two-worker pool under load, with any Python SIGTERM handler, ours or not).
+# Python's C handler also writes the signal's number to the "wakeup fd": a thread of ours reads it,
+# and if our handler has not started soon after, re-sends SIGTERM to the main thread, whose wait
+# then ends with EINTR and runs the handler. Only when the wakeup fd is free: an application (or
+# asyncio) that set its own keeps it, and SIGTERM keeps Python's usual behaviour.
+
+_WATCH_GRACE = 0.1  # seconds our handler has to start before the main thread is signalled again
+_WATCH_RETRIES = 100  # at most this many times for one SIGTERM (10 s), then the watch gives up
+_sigterm_entries = 0  # incremented by _on_sigterm, read by the watch thread
+_watch_pipe: Optional[Tuple[int, int]] = None  # (read, write) of this process's watch
+
+
+def _watch_sigterm() -> None:
+    """On the main thread: claims Python's wakeup fd, if free, and starts the watch thread."""
+    global _watch_pipe  # noqa: PLW0603
+    if not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
+        return
+    if "uwsgi" in sys.modules:
+        # uWSGI forks in C, without Python's fork hooks: its workers would share this pipe, and
+        # their signals would read as ours. (No thread may run in a uWSGI master anyway: _uwsgi.)
+        return
+    inherited = _watch_pipe  # a forked child's copy of its parent's pipe (the parent keeps using it)
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(write_end, False)
+        previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        _close(read_end, write_end)
+        return
+    if previous != -1 and (inherited is None or previous != inherited[1]):
+        signal.set_wakeup_fd(previous)  # someone else's: theirs stays
+        _close(read_end, write_end)
+        return
+    if inherited is not None:
+        _close(*inherited)
+    _watch_pipe = (read_end, write_end)
+    main = threading.main_thread().ident
+    try:
+        start_quiet(threading.Thread(target=_watch, args=(read_end, main), name="odp-ext-sigterm-watch",
+                                     daemon=True))
+    except RuntimeError:  # no new threads (the interpreter is exiting): Python's usual behaviour
+        _unwatch_sigterm()
+
+
+def _unwatch_sigterm() -> None:
+    global _watch_pipe
+    pipe, _watch_pipe = _watch_pipe, None
+    if pipe is None:
+        return
+    try:
+        current = signal.set_wakeup_fd(-1)
+        if current not in (pipe[1], -1):
+            signal.set_wakeup_fd(current)  # replaced by someone else since: theirs stays
+    except (ValueError, OSError):
+        pass  # not on the main thread: Python keeps writing to a closed fd, which it tolerates
+    _close(*pipe)  # the watch thread's read ends
+
+
+def _watch(read_end: int, main: Optional[int]) -> None:
+    handled = _sigterm_entries
+    while True:
+        try:
+            received = os.read(read_end, 512)
+        except OSError:
+            return  # closed: unwatched
+        if not received:
+            return
+        if signal.SIGTERM not in received:
+            continue
+        for _ in range(_WATCH_RETRIES):
+            if _sigterm_entries > handled or signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+                break  # our handler ran (or is no longer the one installed)
+            time.sleep(_WATCH_GRACE)  # the handler's time to start: nothing to wait on but the clock
+            if _sigterm_entries > handled or main is None:
+                break
+            try:
+                signal.pthread_kill(main, signal.SIGTERM)
+            except (OSError, ValueError):
+                break
+        handled = _sigterm_entries
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

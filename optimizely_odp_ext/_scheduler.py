@@ -84,7 +84,10 @@ class Scheduler(Batcher, Bisector):
             return None
         self._dispatch(now)
         self._update_low_water()
-        if self._room_waiters:
+        # Callers blocked on a full queue (overflow="block") are told when there is room, or that the
+        # manager closes; never on every pass, or a caller and a worker that cannot drain (no
+        # datafile yet, every sender busy) would wake each other in a loop until block_timeout.
+        if self._room_waiters and (self._closing or len(self._queue) + len(self._ready) < self._capacity):
             with self._room:
                 self._room.notify_all()
         return self._next_wake(time.monotonic())

@@ -15,6 +15,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional
 
 from . import _uwsgi
+from ._threads import start_quiet
 from .event import validate
 
 _log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def attach(client: Any, enqueue: Callable[[Any], bool], logger: Any) -> Optional
         # Its stop() joins its thread, which may be in a request: never on the caller's thread.
         bridge.handover = threading.Thread(target=_stop_quietly, args=(original,), name="odp-ext-handover",
                                            daemon=True)
-        bridge.handover.start()
+        start_quiet(bridge.handover)
     return bridge
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 from ._state import ManagerState
+from ._threads import start_quiet
 from .event import join
 from .retry import NETWORK_ERROR
 from .transport import Reply
@@ -20,7 +21,7 @@ class SenderPool(ManagerState):
     def _start_senders(self) -> None:
         for index in range(self.options.max_in_flight):
             sender = threading.Thread(target=self._send_loop, name=f"odp-ext-sender-{index}", daemon=True)
-            sender.start()
+            start_quiet(sender)
             self._senders.append(sender)
 
     def _stop_senders(self) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Op
 
 from ._batch import Target, _Batch, _Item
 from ._stats import DROP_REASONS, REFUSE_REASONS
+from ._threads import Wake
 from .event import Encoded, Pending
 from .retry import RetryPolicy
 from .settings import Options
@@ -62,7 +63,7 @@ class ManagerState:
         # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
         # flag below has a single writer (the caller's side, close() or the worker, as noted).
         self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)
-        self._wake = threading.Event()
+        self._wake = Wake()  # never blocks its setter: see Wake
         self._start_lock = threading.Lock()
         self._flush_cond = threading.Condition(threading.RLock())
         self._worker: Optional[threading.Thread] = None
@@ -82,7 +83,8 @@ class ManagerState:
         self._close_deadline = 0.0
         self._flush_waiters = 0
         # overflow="block": callers waiting for room; the worker notifies only when there are some.
-        self._room = threading.Condition(threading.Lock())
+        # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
+        self._room = threading.Condition(threading.RLock())
         self._room_waiters = 0
         # Counted by the caller's side, on rare paths only (under _count_lock).
         self._count_lock = threading.RLock()

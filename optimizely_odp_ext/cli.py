@@ -36,6 +36,7 @@ from ._import import (
     open_source,
     rejects_writer,
 )
+from ._threads import start_quiet
 from ._version import __version__
 
 PROG = "optimizely-odp-ext"
@@ -293,7 +294,7 @@ class _Progress:
             except ImportError:
                 pass
         self._thread = threading.Thread(target=self._run, name="odp-import-progress", daemon=True)
-        self._thread.start()
+        start_quiet(self._thread)
 
     def _figures(self) -> Tuple[str, Optional[Source]]:
         counts = self._importer.counts

@@ -40,6 +40,7 @@ from ._stats import (
     OdpEventStats,
     no_stats,
 )
+from ._threads import start_quiet
 from .event import Encoded, default_data
 from .retry import RetryPolicy
 from .settings import Options
@@ -172,7 +173,7 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         if self._held_for_fork:
             return  # a process uWSGI forks from: the events wait for a worker (see _uwsgi)
         with self._start_lock:
-            if self._worker is not None:
+            if self._worker is not None or self._finished:
                 return
             self._transport = self._transport_factory(self.options)
             # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
@@ -180,8 +181,20 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
             self._start_senders()
             self._last_pass = time.monotonic()  # the stall check counts from the worker's start
             worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
-            worker.start()
+            start_quiet(worker)
             self._worker = worker
+        self._release_after_late_start()
+
+    def _release_after_late_start(self) -> None:
+        """A close finished while _start() was under way: on another thread, or on this one (our
+        SIGTERM handler closes inline, wherever it interrupted). It released only what it saw;
+        this releases the rest. The worker sees the close (begin_close) and ends by itself."""
+        if not self._finished:
+            return
+        self._stop_senders()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Waits until every event queued before this call is delivered or given up.
@@ -263,11 +276,11 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         _lifecycle.unregister(self)
         if self._pid != os.getpid():
             self._after_fork()
-        worker = self._worker
-        if worker is not None and worker.is_alive():
-            self._close_deadline = deadline
-            self._closing = True
-            self._wake.set()
+        # Told whether or not a worker runs yet: one that a caller is starting meanwhile (on another
+        # thread, or on this one under our SIGTERM handler) sees the close at its first pass.
+        self._close_deadline = deadline
+        self._closing = True
+        self._wake.set()
         return True
 
     def end_close(self, deadline: float) -> None:

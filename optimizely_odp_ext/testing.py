@@ -92,6 +92,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, cast
 
+from ._threads import start_quiet
+
 if TYPE_CHECKING:
     from optimizely.optimizely import Optimizely
 
@@ -555,7 +557,7 @@ class FakeOdpServer:
                 name=f"FakeOdpServer:{server.server_address[1]}",
                 daemon=True,
             )
-            self._thread.start()
+            start_quiet(self._thread)
         return self
 
     def stop(self) -> None:

@@ -5,6 +5,7 @@ real HTTP to a FakeOdpServer on 127.0.0.1; the test counts what arrived."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 
@@ -27,7 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT = 90.0
 
 _PRELUDE = textwrap.dedent("""
-    import json, logging, multiprocessing, os, signal, sys, threading, time
+    import faulthandler, json, logging, multiprocessing, os, signal, sys, threading, time
+    # A hung scenario: the test sends SIGUSR1 to the whole tree; each process (forked children
+    # inherit this) prints every thread's stack to stderr, which the failure shows.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from optimizely import optimizely
     import optimizely_odp_ext
     from optimizely_odp_ext._datafile import datafile
@@ -58,8 +62,39 @@ def _env(server: FakeOdpServer, **options: Any) -> Dict[str, str]:
 
 
 def _run(script: Path, env: Dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
-                          timeout=CHILD_TIMEOUT, check=False, cwd=str(script.parent))
+    child = subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=str(script.parent))
+    return _communicate(child)
+
+
+def _descendants(pid: int) -> List[int]:
+    """The process tree below ``pid`` (Linux /proc), children first."""
+    found: List[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for child in map(int, children):
+        found += [child, *_descendants(child)]
+    return found
+
+
+def _communicate(child: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    """Waits for a scenario; a hung one fails with every process's thread stacks (see _PRELUDE)."""
+    try:
+        out, err = child.communicate(timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        tree = [child.pid, *_descendants(child.pid)]
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(2)  # the dumps are written by signal handlers: nothing to await but their output
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = child.communicate(timeout=30)
+        pytest.fail(f"scenario hung for {CHILD_TIMEOUT:.0f} s (processes {tree}); stacks:\n{err}\n{out}")
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
 # ----------------------------------------------------------------- item 3: multiprocessing children
@@ -121,12 +156,11 @@ def _terminate(script: Path, env: Dict[str, str], mode: str) -> subprocess.Compl
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"
         child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=CHILD_TIMEOUT)
+        return _communicate(child)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(10)
-    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
 @pytest.mark.parametrize(("mode", "opt_in", "expected"), [
@@ -147,6 +181,47 @@ def test_sigterm(tmp_path: Path, mode: str, opt_in: bool, expected: Any) -> None
         assert result.returncode == returncode, result.stderr
         assert result.stdout.strip() == printed
         assert_delivered_exactly_once(server, ids("term", delivered))
+
+
+_SIGTERM_CAUGHT_ELSEWHERE = """
+    client = make_client()
+    send(client, "elsewhere", 20)
+    main = threading.main_thread()
+    blocked = threading.Lock()
+    blocked.acquire()
+
+    def main_sleeps_in_acquire():
+        frame = sys._current_frames().get(main.ident)
+        with open("/proc/self/task/%d/stat" % main.native_id) as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+        return state == "S" and frame is not None and frame.f_code.co_name == "<module>"
+
+    def app_thread():
+        # An application thread (SIGTERM not blocked) takes the signal while the main thread
+        # sleeps in a C-level wait: Python flags it, but nothing wakes the main thread to run it.
+        for _ in range(2000):
+            if main_sleeps_in_acquire():
+                break
+            time.sleep(0.005)
+        print("ready", flush=True)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        threading.Event().wait(60)
+
+    threading.Thread(target=app_thread, daemon=True).start()
+    blocked.acquire()  # never released: only a signal handler can end this process
+    print("not terminated", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_caught_by_another_thread_while_the_main_thread_waits_in_c_still_delivers(
+        tmp_path: Path) -> None:
+    with FakeOdpServer(TEST_KEY) as server:
+        result = _run(_script(tmp_path, _SIGTERM_CAUGHT_ELSEWHERE),
+                      _env(server, flush_interval=60, flush_on_sigterm=True))
+        assert result.returncode == -signal.SIGTERM, result.stderr
+        assert result.stdout.strip() == "ready"
+        assert_delivered_exactly_once(server, ids("elsewhere", 20))
 
 
 _POOL_WITH = """

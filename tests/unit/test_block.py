@@ -119,3 +119,27 @@ def test_block_is_a_valid_policy() -> None:
     assert Options(overflow="block", block_timeout=0.0).overflow == "block"
     with pytest.raises(ConfigurationError, match='"block"'):
         Options(overflow="wait")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("why", ["every sender busy", "no datafile yet"])
+def test_a_blocked_caller_and_a_worker_that_cannot_drain_do_not_wake_each_other_in_a_loop(
+        build: Build, why: str) -> None:
+    if why == "every sender busy":
+        manager, _ = _fill(build, block_timeout=0.3)
+    else:
+        manager, _ = build(integrated=False, queue_capacity=3, overflow="block", block_timeout=0.3)
+        for i in range(3):
+            assert manager.enqueue(ev(f"e{i}"))
+    passes = [0]
+    step = manager._step
+
+    def counted() -> object:
+        passes[0] += 1
+        return step()
+
+    manager._step = counted  # type: ignore[method-assign]
+    manager.enqueue(ev("waits"))  # blocks for block_timeout: nothing can make room
+    # The caller wakes the worker once per wait; a worker that made no room does not answer. Before,
+    # each woke the other at once, thousands of passes in 0.3 s.
+    assert passes[0] <= 10, passes[0]
+    assert manager.stats()["dropped"]["queue_full"] == 1
