@@ -31,7 +31,9 @@ class CallerQueue(Outcomes):
         Returns:
             True when the event was accepted, False when it was discarded (and logged).
         """
-        if self._pid != os.getpid():
+        # A fork through Python reset this manager already (_lifecycle's fork hook); only a host that
+        # forks in C (uWSGI) needs the check, which costs a system call on every event.
+        if self._forks_in_c and self._pid != os.getpid():
             self._after_fork()
         if self._held_for_fork:
             # A uWSGI master's events, not handed over yet: decided here once this process is a

@@ -83,18 +83,16 @@ def closing(manager: Closable, under_way: bool) -> None:
             _CLOSING.discard(manager)
 
 
-def unregister(manager: Closable) -> None:
-    """Removes a manager (closed managers leave the registry)."""
-    with _REGISTRY_LOCK:
-        ref = _MANAGERS.get(id(manager))
-        if ref is not None and ref() is manager:
-            del _MANAGERS[id(manager)]
+def all_managers() -> List[Any]:
+    """Every manager of this process not garbage-collected, closed ones included (the fork hook
+    resets them all, so that no caller's path needs a pid check after a Python fork)."""
+    refs = _MANAGERS.copy()  # atomic: see _MANAGERS
+    return [manager for manager in (ref() for ref in refs.values()) if manager is not None]
 
 
 def live_managers() -> List[Any]:
     """The managers not closed yet, in this process."""
-    refs = _MANAGERS.copy()  # atomic: see _MANAGERS
-    return [manager for manager in (ref() for ref in refs.values()) if manager is not None]
+    return [manager for manager in all_managers() if not manager.closed]
 
 
 def close_all(timeout: Optional[float] = None, *, why: str = "exit", at_exit: bool = True) -> int:
@@ -252,7 +250,7 @@ def _after_fork_in_child() -> None:
         _watch_sigterm()  # the parent's pipe and thread are not this process's
     _arm_process_finalizers()
     _celery.connect_if_loaded()  # a Celery worker imported celery after its managers registered
-    for manager in live_managers():
+    for manager in all_managers():
         try:
             manager._after_fork()
         except Exception:

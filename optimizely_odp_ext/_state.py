@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
@@ -60,6 +61,8 @@ class ManagerState:
     def _reset_runtime(self) -> None:
         """Everything that belongs to one process: queue, threads, connections, counters."""
         self._pid = os.getpid()
+        # uWSGI forks its workers in C: Python's fork hooks do not run there (see _uwsgi).
+        self._forks_in_c = "uwsgi" in sys.modules
         # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
         # flag below has a single writer (the caller's side, close() or the worker, as noted).
         self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)

@@ -123,7 +123,7 @@ def _hook_post_fork() -> None:
 
 def _post_fork() -> None:
     """In every process uWSGI starts (workers, mules, spoolers), before it serves anything."""
-    for manager in _lifecycle.live_managers():
+    for manager in _lifecycle.all_managers():
         try:
             manager._uwsgi_started()
         except Exception:  # never into uWSGI's start-up

@@ -273,7 +273,6 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
                 return False
             self._closed = True
         _lifecycle.closing(self, True)
-        _lifecycle.unregister(self)
         if self._pid != os.getpid():
             self._after_fork()
         # Told whether or not a worker runs yet: one that a caller is starting meanwhile (on another
