@@ -22,6 +22,8 @@ _log = logging.getLogger(__name__)
 class Batcher(Outcomes):
     """Moves events from ``_queue`` (and the spool's backlog) to ``_ready``, and ``_ready`` into batches."""
 
+    __slots__ = ()
+
     def _ingest(self, limit: int) -> None:
         """Moves events to the ready list: the spool's backlog first, then the caller's queue.
 

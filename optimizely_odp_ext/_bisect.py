@@ -24,6 +24,8 @@ _SAMPLES = 3
 class Bisector(Outcomes):
     """Splitting, sampling, holding and releasing the parts of a refused batch (see ``_SAMPLES``)."""
 
+    __slots__ = ()
+
     def _split(self, batch: _Batch, family: Optional[_Family]) -> None:
         """Sends both halves of ``batch`` next, first half first."""
         middle = len(batch.events) // 2

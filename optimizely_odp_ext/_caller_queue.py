@@ -24,6 +24,8 @@ _stall_reported = False
 class CallerQueue(Outcomes):
     """``enqueue()`` and what a full queue does (``overflow``: drop_newest, drop_oldest, block)."""
 
+    __slots__ = ()
+
     def enqueue(self, pending: Pending) -> bool:
         """Queues one validated event. Runs on the caller's thread: O(1), no I/O, no waiting
         (except with ``overflow="block"`` and a full queue: then up to ``block_timeout``).

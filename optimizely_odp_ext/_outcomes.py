@@ -24,6 +24,8 @@ _log = logging.getLogger(__name__)
 class Outcomes(ManagerState):
     """Counting, acknowledging and reporting outcomes; :meth:`stats` reads them."""
 
+    __slots__ = ()
+
     def count_invalid(self) -> None:
         """Counts one call discarded by validation (for :meth:`stats`)."""
         self.count_refused("invalid_input")

@@ -34,6 +34,8 @@ _log = logging.getLogger(__name__)
 class Scheduler(Batcher, Bisector):
     """The worker loop (``_run``/``_step``), the outcome of each reply, retries, the probe, dispatching."""
 
+    __slots__ = ()
+
     def _run(self) -> None:
         while True:
             self._wake.clear()

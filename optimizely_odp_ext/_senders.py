@@ -18,6 +18,8 @@ from .transport import Reply
 class SenderPool(ManagerState):
     """Starts, feeds and stops the sender threads."""
 
+    __slots__ = ()
+
     def _start_senders(self) -> None:
         for index in range(self.options.max_in_flight):
             sender = threading.Thread(target=self._send_loop, name=f"odp-ext-sender-{index}", daemon=True)

@@ -37,6 +37,24 @@ OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
 class ManagerState:
     """Attributes of one manager. Set once in ``EventManager.__init__``, then per process below."""
 
+    # Slots: a caller's send reads about a dozen of these attributes after an idle pause, with cold
+    # caches; a slot is one fixed offset, where a 70-key instance dict costs a hashed lookup each
+    # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
+    # for the process registry (_lifecycle).
+    __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen",
+                 "_closed", "_closing", "_count_lock", "_defaults", "_delivered", "_dropped", "_failing_since",
+                 "_finished", "_flush_cond", "_flush_waiters", "_forks_in_c", "_held_for_fork", "_idle",
+                 "_in_background", "_in_flight", "_in_flight_batches", "_in_flight_events", "_initial_target",
+                 "_last_failure_warning", "_last_overflow_warning", "_last_pass", "_last_spool_warning",
+                 "_left_in_spool", "_lifecycle", "_live", "_low_water", "_on_outcome", "_outcome_failures",
+                 "_overflow_popped", "_overflow_report", "_overflow_since_warning", "_overflowed",
+                 "_partial_since", "_pid", "_policy", "_popped", "_priority", "_probe_in_flight", "_queue",
+                 "_ready", "_recovered_count", "_recovery", "_refusal", "_refused", "_refusing_alike",
+                 "_requests", "_results", "_retries", "_retry_heap", "_retry_seq", "_room", "_room_waiters",
+                 "_seen_empty", "_send_queue", "_send_ready", "_senders", "_spool", "_spool_refused",
+                 "_start_lock", "_state", "_target", "_timeout", "_transport", "_transport_factory", "_wake",
+                 "_worker", "logger", "options")
+
     options: Options
     logger: Any
     _transport_factory: Callable[[Options], Transport]

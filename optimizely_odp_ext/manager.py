@@ -70,6 +70,8 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         retry_policy: Overrides the policy built from ``options``.
     """
 
+    __slots__ = ()
+
     def __init__(
         self,
         options: Options,
