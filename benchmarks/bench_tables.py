@@ -1,4 +1,5 @@
-"""The benchmark's table writer: figures derived from the runs, the machine, markdown tables, and
+"""The benchmark's table writer: figures derived from the runs, the machine, markdown tables (a section's
+``heading``; ``versus_rows`` and ``versus_table`` for the side-by-side SDK / ours / ratio tables), and
 writing ``RESULTS.md`` (keeping the section ``import_bench.py`` writes between its markers).
 """
 
@@ -15,7 +16,8 @@ from bench_harness import ROOT
 
 # ----------------------------------------------------------------------------- derived figures
 
-
+# The caller-cost figures each worker reports, and their labels in the tables.
+CALLER_METRICS = (("p50_us", "p50"), ("p99_us", "p99"), ("max_us", "max"), ("mean_us", "mean"))
 
 
 def span_seconds(result: Dict[str, Any]) -> Optional[float]:
@@ -86,6 +88,49 @@ def background_cpu_per_10k(runs: List[Dict[str, Any]]) -> Optional[float]:
     return med(runs, one)
 
 
+def sent_field(name: str) -> Callable[[Dict[str, Any]], Optional[float]]:
+    """A run's figure ``name`` as its worker reported it (``p50_us``, ``send_seconds``, ...)."""
+    return lambda r: r["sent"][name]
+
+
+def median_of(getter: Callable[[Dict[str, Any]], Optional[float]]) -> Callable[[List[Dict[str, Any]]], Optional[float]]:
+    """The figure ``getter`` reads from one run, as the median over the good runs of a group (:func:`med`)."""
+    return lambda runs: med(runs, getter)
+
+
+def summed(key: str) -> Callable[[List[Dict[str, Any]]], Optional[float]]:
+    """The count ``key`` summed over the good runs of a group (:func:`server_total`)."""
+    return lambda runs: server_total(runs, key)
+
+
+def caller_medians(runs: List[Dict[str, Any]]) -> Dict[str, Optional[float]]:
+    """The medians over the good runs of each caller-cost figure (``p50_us`` ... ``mean_us``)."""
+    return {m: med(runs, sent_field(m)) for m, _ in CALLER_METRICS}
+
+
+def delivery_ms(runs: List[Dict[str, Any]], key: str) -> Optional[float]:
+    """The median over the runs of one delivery-latency figure (``p50_s``, ``p99_s``, ``max_s``), in ms."""
+    value = med(runs, lambda r: (r["server"].get("delivery_latency") or {}).get(key))
+    return None if value is None else value * 1000
+
+
+def io_per_event(field: str, scale: float = 1.0) -> Callable[[Dict[str, Any]], Optional[float]]:
+    """A run's ``/proc/self/io`` counter ``field`` (times ``scale``) per event sent."""
+    def one(r: Dict[str, Any]) -> Optional[float]:
+        io = r["sent"].get("io") or {}
+        sent = r["sent"].get("sent")
+        return io[field] * scale / sent if field in io and sent else None
+    return one
+
+
+def spool_disk_figure(field: str, scale: float = 1.0) -> Callable[[Dict[str, Any]], Optional[float]]:
+    """A run's spool-directory figure ``field`` (times ``scale``), sampled by the parent process."""
+    def one(r: Dict[str, Any]) -> Optional[float]:
+        found = r.get("spool_disk")
+        return found[field] * scale if found else None
+    return one
+
+
 def effective_options(results: Dict[str, Dict[str, List[Dict[str, Any]]]], key: str) -> Dict[str, Any]:
     """The options ours ran with in scenario ``key``, as the worker read them back (empty when unknown)."""
     for r in ok_runs(results.get(key, {}).get("ours", [])):
@@ -137,6 +182,14 @@ def load_average() -> str:
         return "unknown"
 
 
+def peak_load(rows: Sequence[Sequence[str]]) -> Tuple[Optional[float], int]:
+    """From :func:`machine`'s rows: the highest load average seen (None if unknown), and the usable CPUs (0)."""
+    loads = [float(x) for k, v in rows if k.startswith("load average") for x in v.replace("/", " ").split()
+             if x.replace(".", "", 1).isdigit()]
+    cpus = next((int(v) for k, v in rows if k.startswith("nproc") and v.isdigit()), 0)
+    return (max(loads) if loads else None), cpus
+
+
 def machine(load_before: str) -> List[Tuple[str, str]]:
     from importlib import metadata
 
@@ -180,6 +233,34 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
+
+
+def heading(title: str, text: str, level: int = 2) -> List[str]:
+    """A section's opening: a blank line, its title, and the paragraph saying what was measured and how."""
+    return ["", f"{'#' * level} {title}", "", text, ""]
+
+
+def versus(sdk: Optional[float], ours: Optional[float], digits: int = 1,
+           with_ratio: bool = True) -> Tuple[str, str, str]:
+    """The SDK, ours and ours/SDK cells of a side-by-side row."""
+    return fmt(sdk, digits), fmt(ours, digits), ratio(ours, sdk) if with_ratio else ""
+
+
+def versus_rows(setting: str, group: Dict[str, List[Dict[str, Any]]],
+                metrics: Sequence[Tuple[str, Callable[[List[Dict[str, Any]]], Optional[float]], int]],
+                with_ratio: bool = True) -> List[Tuple[str, ...]]:
+    """A row per (metric name, figure over the runs, digits): the figure for the SDK's runs and for ours."""
+    return [(setting, name, *versus(figure(group["sdk"]), figure(group["ours"]), digits, with_ratio))
+            for name, figure, digits in metrics]
+
+
+def versus_table(first: str, rows: Sequence[Sequence[str]]) -> List[str]:
+    """The side-by-side table: ``first`` (the setting), the metric, SDK, ours, ours/SDK."""
+    return table([first, "metric", "SDK", "ours", "ours/SDK"], rows)
+
+
+def verdict_line(ok: bool, text: str) -> str:
+    return f"- **{'MET' if ok else 'NOT MET'}** — {text}."
 
 
 # import_bench.py writes its own section into the same file, between these markers; run.py keeps it.
