@@ -65,6 +65,8 @@ class Scheduler(Batcher, Bisector):
 
     def _step(self) -> Optional[float]:
         """One pass. Returns how long to sleep, or None to stop (closing and done, or deadline)."""
+        if self._finished:
+            return None  # a worker started while a close finished (see EventManager._start): nothing is its
         now = time.monotonic()
         self._last_pass = now
         if self._overflow_report:

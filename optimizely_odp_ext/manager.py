@@ -183,8 +183,14 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
             self._start_senders()
             self._last_pass = time.monotonic()  # the stall check counts from the worker's start
             worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
-            start_quiet(worker)
+            # Known before it runs: a close from here on (our SIGTERM handler may interrupt this very
+            # line) joins it, rather than counting as unconfirmed a batch it then delivers.
             self._worker = worker
+            try:
+                start_quiet(worker)
+            except BaseException:
+                self._worker = None  # not started (the interpreter is exiting): the next event tries again
+                raise
         self._release_after_late_start()
 
     def _release_after_late_start(self) -> None:
