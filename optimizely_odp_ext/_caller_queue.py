@@ -8,10 +8,9 @@ no lock, no I/O. Only a full queue takes ``_count_lock`` (counting a drop) or, w
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from . import _compat
+from . import _compat, _uwsgi
 from ._outcomes import Outcomes
 from ._state import _IDLE_WAKE, _WARN_EVERY, STALL_SECONDS
 from ._stats import INTEGRATED, NOT_INTEGRATED, UNDETERMINED
@@ -128,7 +127,7 @@ class CallerQueue(Outcomes):
             return
         _stall_reported = True
         remedy = ("Add --enable-threads to the uWSGI command line (enable-threads = true in its ini)."
-                  if "uwsgi" in sys.modules else
+                  if _uwsgi.hosted() else
                   "Python threads are not running in this process (with gevent or eventlet, monkey-patch "
                   "before importing optimizely_odp_ext).")
         self.logger.error(f"ODP events are not being sent: the plugin's worker thread has not run for "

@@ -10,11 +10,11 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
+from . import _uwsgi
 from ._batch import Target, _Batch, _Item
 from ._stats import DROP_REASONS, REFUSE_REASONS
 from ._threads import Wake
@@ -79,8 +79,7 @@ class ManagerState:
     def _reset_runtime(self) -> None:
         """Everything that belongs to one process: queue, threads, connections, counters."""
         self._pid = os.getpid()
-        # uWSGI forks its workers in C: Python's fork hooks do not run there (see _uwsgi).
-        self._forks_in_c = "uwsgi" in sys.modules
+        self._forks_in_c = _uwsgi.hosted()
         # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
         # flag below has a single writer (the caller's side, close() or the worker, as noted).
         self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)

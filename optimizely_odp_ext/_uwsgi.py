@@ -50,6 +50,11 @@ def _call(uwsgi: Any, name: str) -> Any:
     return function() if callable(function) else 0
 
 
+def hosted() -> bool:
+    """Whether this process runs under uWSGI, which forks in C: Python's fork hooks do not run there."""
+    return "uwsgi" in sys.modules
+
+
 def forks_later() -> bool:
     """Whether this process is one uWSGI forks its workers from: its master, or without ``--master``
     the process loading the app before it becomes worker 1. Starting threads there is not safe."""
