@@ -24,8 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from typing_extensions import Protocol
 
-from . import _celery, _gunicorn  # import this module back; use it only at call time
-from ._threads import start_quiet
+from . import _celery, _gunicorn, _uwsgi  # import this module back; use it only at call time
+from ._threads import Wake, start_quiet
 
 _log = logging.getLogger(__name__)
 
@@ -321,8 +321,7 @@ def disable_sigterm_flush() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    global _sigterm_entries  # noqa: PLW0603 - read by the watch (see _watch_sigterm)
-    _sigterm_entries += 1
+    _sigterm_started.set()  # for the watch (see _watch_sigterm); never blocks
     if _closing_thread == threading.get_ident():
         # The signal interrupted an exit close on this very thread (a multiprocessing finalizer,
         # the atexit hook): blocking here, inside the frame it interrupted, could wait on a lock
@@ -364,7 +363,7 @@ def _hand_over(signum: int, frame: Any) -> None:
 
 _WATCH_GRACE = 0.1  # seconds our handler has to start before the main thread is signalled again
 _WATCH_RETRIES = 100  # at most this many times for one SIGTERM (10 s), then the watch gives up
-_sigterm_entries = 0  # incremented by _on_sigterm, read by the watch thread
+_sigterm_started = Wake()  # set by _on_sigterm, consumed by the watch thread
 _watch_pipe: Optional[Tuple[int, int]] = None  # (read, write) of this process's watch
 
 
@@ -373,7 +372,7 @@ def _watch_sigterm() -> None:
     global _watch_pipe  # noqa: PLW0603
     if not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
         return
-    if "uwsgi" in sys.modules:
+    if _uwsgi.hosted():
         # uWSGI forks in C, without Python's fork hooks: its workers would share this pipe, and
         # their signals would read as ours. (No thread may run in a uWSGI master anyway: _uwsgi.)
         return
@@ -415,7 +414,7 @@ def _unwatch_sigterm() -> None:
 
 
 def _watch(read_end: int, main: Optional[int]) -> None:
-    handled = _sigterm_entries
+    resent = 0  # SIGTERMs this thread sent: the C handler writes a byte for each of those too
     while True:
         try:
             received = os.read(read_end, 512)
@@ -423,19 +422,21 @@ def _watch(read_end: int, main: Optional[int]) -> None:
             return  # closed: unwatched
         if not received:
             return
-        if signal.SIGTERM not in received:
-            continue
+        caught = received.count(signal.SIGTERM)
+        ours = min(caught, resent)
+        resent -= ours
+        if caught == ours:
+            continue  # nothing new, or only the echoes of our own re-sends
         for _ in range(_WATCH_RETRIES):
-            if _sigterm_entries > handled or signal.getsignal(signal.SIGTERM) is not _on_sigterm:
-                break  # our handler ran (or is no longer the one installed)
-            time.sleep(_WATCH_GRACE)  # the handler's time to start: nothing to wait on but the clock
-            if _sigterm_entries > handled or main is None:
-                break
+            if _sigterm_started.wait(_WATCH_GRACE) or main is None:
+                break  # our handler started
+            if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+                break  # no longer ours to run
             try:
                 signal.pthread_kill(main, signal.SIGTERM)
             except (OSError, ValueError):
                 break
-        handled = _sigterm_entries
+            resent += 1
 
 
 def _close(*fds: int) -> None:

@@ -184,11 +184,17 @@ def test_sigterm(tmp_path: Path, mode: str, opt_in: bool, expected: Any) -> None
 
 
 _SIGTERM_CAUGHT_ELSEWHERE = """
-    client = make_client()
-    send(client, "elsewhere", 20)
     main = threading.main_thread()
     blocked = threading.Lock()
     blocked.acquire()
+    if sys.argv[1] == "app-handler":
+        def app_handler(signum, frame):  # installed before ours: ours hands over to it
+            print("app handler ran", flush=True)
+            blocked.release()  # the application carries on
+        signal.signal(signal.SIGTERM, app_handler)
+    first, second = make_client(), make_client()  # two clients: one handler delivers both
+    send(first, "elsewhere-a", 20)
+    send(second, "elsewhere-b", 20)
 
     def main_sleeps_in_acquire():
         frame = sys._current_frames().get(main.ident)
@@ -208,20 +214,28 @@ _SIGTERM_CAUGHT_ELSEWHERE = """
         threading.Event().wait(60)
 
     threading.Thread(target=app_thread, daemon=True).start()
-    blocked.acquire()  # never released: only a signal handler can end this process
-    print("not terminated", flush=True)
+    blocked.acquire()  # only a signal handler can end this wait
+    # Long enough for the watch to re-send SIGTERM several times (every 0.1 s) if it wrongly did.
+    threading.Event().wait(1.0)
+    print("main resumed", flush=True)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(("mode", "returncode", "printed"), [
+    # Python's default handling after ours: delivered, then killed by SIGTERM.
+    ("default", -signal.SIGTERM, ["ready"]),
+    # An application handler after ours: called once (not again for the watch's own re-sends).
+    ("app-handler", 0, ["ready", "app handler ran", "main resumed"]),
+])
 def test_sigterm_caught_by_another_thread_while_the_main_thread_waits_in_c_still_delivers(
-        tmp_path: Path) -> None:
+        tmp_path: Path, mode: str, returncode: int, printed: List[str]) -> None:
     with FakeOdpServer(TEST_KEY) as server:
         result = _run(_script(tmp_path, _SIGTERM_CAUGHT_ELSEWHERE),
-                      _env(server, flush_interval=60, flush_on_sigterm=True))
-        assert result.returncode == -signal.SIGTERM, result.stderr
-        assert result.stdout.strip() == "ready"
-        assert_delivered_exactly_once(server, ids("elsewhere", 20))
+                      _env(server, flush_interval=60, flush_on_sigterm=True), mode)
+        assert result.returncode == returncode, result.stderr
+        assert result.stdout.split("\n")[:-1] == printed
+        assert_delivered_exactly_once(server, ids("elsewhere-a", 20) + ids("elsewhere-b", 20))
 
 
 _POOL_WITH = """
