@@ -20,6 +20,8 @@ See docs/options.md for the options and docs/guarantees.md for the delivery guar
 
 from __future__ import annotations
 
+# Host glue registers itself with the process lifecycle when imported (which never imports it).
+from . import _celery, _gunicorn, _uwsgi  # noqa: F401
 from ._types import OdpClient, odp
 from ._version import __version__
 from .extension import install, uninstall
