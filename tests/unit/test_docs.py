@@ -14,11 +14,13 @@ A block introduced by a line saying it "prints" must be an ``output`` block. Eve
 anchor must resolve, the README must link every page of ``docs/``, and every option of ``install()``,
 every key of ``odp_event_stats()`` and every drop and refusal reason must be defined by exactly one
 table row across all pages (tables whose first header is ``option``, ``key``, ``dropped reason``,
-``refused reason``), with no row for a name the code does not have.
+``refused reason``), with no row for a name the code does not have; a default written as a literal in
+the options table must be the code's.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -30,7 +32,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import pytest
 
 from optimizely_odp_ext._stats import DROP_REASONS, REFUSE_REASONS, OdpEventStats
-from optimizely_odp_ext.settings import OPTION_NAMES
+from optimizely_odp_ext.settings import OPTION_NAMES, Options
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_SECONDS = 120.0
@@ -233,21 +235,27 @@ def test_readme_is_short_and_links_every_docs_page() -> None:
     assert [str(p.relative_to(ROOT)) for p in pages()[1:] if p.resolve() not in linked] == []
 
 
-def defined_names() -> Dict[str, List[str]]:
-    """For each table kind (its first header cell), the backquoted names of each row's first cell."""
-    names: Dict[str, List[str]] = {}
+def table_rows() -> Dict[str, List[List[str]]]:
+    """For each table kind (its first header cell, lower case), the cells of each of its rows."""
+    rows: Dict[str, List[List[str]]] = {}
     for page in pages():
         kind: Optional[str] = None
         for line in _prose(page).splitlines():
             if not line.startswith("|"):
                 kind = None
                 continue
-            first = line.split("|")[1].strip()
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
             if kind is None:
-                kind = first.strip("`").lower()
-            elif not set(first) <= set("-: "):
-                names.setdefault(kind, []).extend(re.findall(r"`([^`]+)`", first))
-    return names
+                kind = cells[0].strip("`").lower()
+            elif not set(cells[0]) <= set("-: "):
+                rows.setdefault(kind, []).append(cells)
+    return rows
+
+
+def defined_names() -> Dict[str, List[str]]:
+    """For each table kind, the backquoted names of each row's first cell."""
+    return {kind: [name for cells in rows for name in re.findall(r"`([^`]+)`", cells[0])]
+            for kind, rows in table_rows().items()}
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
@@ -261,3 +269,26 @@ def test_each_name_is_defined_exactly_once(kind: str, expected: List[str]) -> No
     assert sorted(rows) == expected, (
         f"{kind}: missing {sorted(set(expected) - set(rows))}, unknown {sorted(set(rows) - set(expected))}, "
         f"twice {sorted({n for n in rows if rows.count(n) > 1})}")
+
+
+def test_option_defaults_match_the_code() -> None:
+    """A default written as a literal (``100``, ``"drop_newest"``, ``0.5, 30``, ``None``) is the code's.
+
+    Prose defaults (``from the datafile``, ``256 MiB``) are not literals and are left to the reader."""
+    defaults = {field.name: field.default for field in dataclasses.fields(Options)}
+    checked, wrong = 0, []
+    for cells in table_rows().get("option", []):
+        names = re.findall(r"`([^`]+)`", cells[0])
+        parts = [part.strip().strip("`") for part in cells[1].split(",")]
+        if len(parts) != len(names):
+            continue
+        for name, part in zip(names, parts):
+            try:
+                documented = ast.literal_eval(part)
+            except (ValueError, SyntaxError):
+                continue
+            checked += 1
+            if documented != defaults[name] or type(documented) is bool is not type(defaults[name]):
+                wrong.append(f"{name}: documented {part}, the code says {defaults[name]!r}")
+    assert wrong == []
+    assert checked >= len(defaults) // 2, "the options table's defaults are no longer literals the test can read"
