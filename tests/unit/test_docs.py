@@ -292,3 +292,17 @@ def test_option_defaults_match_the_code() -> None:
                 wrong.append(f"{name}: documented {part}, the code says {defaults[name]!r}")
     assert wrong == []
     assert checked >= len(defaults) // 2, "the options table's defaults are no longer literals the test can read"
+
+
+def test_the_module_map_names_every_module() -> None:
+    """Each file of the package is named in a ``module`` table (a subpackage's ``__init__.py`` as ``name/``)."""
+    named = set(defined_names().get("module", []))
+    named |= {name for cells in table_rows().get("module", []) for name in re.findall(r"`([^`]+)`", cells[1])}
+    package = ROOT / "optimizely_odp_ext"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        inner = path.parent != package
+        name = f"{path.parent.name}/" if inner and path.name == "__init__.py" else path.name
+        if name not in named:
+            missing.append(str(path.relative_to(ROOT)))
+    assert missing == [], "add them to the module map in docs/development.md"
