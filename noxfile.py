@@ -1,6 +1,6 @@
 """The support matrix and the checks, one command: ``nox`` (``make test`` runs it).
 
-Every SDK line on one Python, and every Python on the latest SDK; see the README's support matrix.
+Every SDK line on one Python, and every Python on the latest SDK; see the support matrix in docs/development.md.
 """
 
 from __future__ import annotations

@@ -15,11 +15,13 @@ For type checkers, ``odp(client)`` is the same client typed as :class:`OdpClient
 (``odp(client).flush_odp_events(5)`` passes ``mypy --strict``). Test helpers (a fake ODP server,
 ``make_client``, the ``odp_client`` pytest fixture) are in :mod:`optimizely_odp_ext.testing`.
 
-See the README for the options and the delivery guarantees.
+See docs/options.md for the options and docs/guarantees.md for the delivery guarantees.
 """
 
 from __future__ import annotations
 
+# Host glue registers itself with the process lifecycle when imported (which never imports it).
+from . import _celery, _gunicorn, _uwsgi  # noqa: F401
 from ._types import OdpClient, odp
 from ._version import __version__
 from .extension import install, uninstall

@@ -62,3 +62,6 @@ def connect_if_loaded() -> bool:
 def _on_worker_process_shutdown(*_args: Any, **_kwargs: Any) -> None:
     """In a prefork child about to ``os._exit()``: deliver what is queued (bounded by ``close_timeout``)."""
     _lifecycle.close_all(why="celery worker_process_shutdown")
+
+
+_lifecycle.add_host(connect_if_loaded, after_fork=True)

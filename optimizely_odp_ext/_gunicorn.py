@@ -109,3 +109,6 @@ def _close_all(budget: Optional[float]) -> None:
         _lifecycle.close_all(budget, why="gunicorn master stop")
     except Exception:  # never into gunicorn's shutdown
         _log.exception("delivering ODP events at gunicorn's stop failed")
+
+
+_lifecycle.add_host(connect_if_loaded)

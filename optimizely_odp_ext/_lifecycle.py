@@ -24,10 +24,31 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from typing_extensions import Protocol
 
-from . import _celery, _gunicorn, _uwsgi  # import this module back; use it only at call time
 from ._threads import Wake, start_quiet
 
 _log = logging.getLogger(__name__)
+
+# Host glue (_celery, _gunicorn, _uwsgi) registers itself here when it is imported (the package's
+# __init__ imports it), so this module never imports a host's glue and nothing imports back.
+_HOST_CONNECTS: List[Tuple[Callable[[], object], bool]] = []  # (connect, also after fork)
+_FORKS_IN_C: List[Callable[[], bool]] = []  # does a host fork this process in C, without fork hooks?
+
+
+def add_host(connect: Optional[Callable[[], object]] = None, *, after_fork: bool = False,
+             forks_in_c: Optional[Callable[[], bool]] = None) -> None:
+    """Registers a host's glue with the lifecycle; called once, at the glue module's import.
+
+    Args:
+        connect: Called at every manager registration (and, with ``after_fork``, in every forked
+            child): hooks into the host's own exit path if the host is loaded. Cheap and idempotent.
+        after_fork: Also call ``connect`` after a fork, in the child.
+        forks_in_c: True when a host forks this process in C, without Python's fork hooks: the
+            SIGTERM watch (a pipe and a thread) is then not set up.
+    """
+    if connect is not None:
+        _HOST_CONNECTS.append((connect, after_fork))
+    if forks_in_c is not None:
+        _FORKS_IN_C.append(forks_in_c)
 
 
 class Closable(Protocol):
@@ -70,8 +91,8 @@ def register(manager: Closable) -> None:
     with _REGISTRY_LOCK:
         _MANAGERS[key] = weakref.ref(manager, forget)
     _arm_process_finalizers()
-    _celery.connect_if_loaded()  # Celery's prefork children end without atexit: see _celery
-    _gunicorn.connect_if_loaded()  # a gunicorn master delivers while its workers stop: see _gunicorn
+    for connect, _ in tuple(_HOST_CONNECTS):
+        connect()  # e.g. Celery's prefork children end without atexit (_celery); gunicorn (_gunicorn)
 
 
 def closing(manager: Closable, under_way: bool) -> None:
@@ -249,7 +270,9 @@ def _after_fork_in_child() -> None:
     if _sigterm_installed:
         _watch_sigterm()  # the parent's pipe and thread are not this process's
     _arm_process_finalizers()
-    _celery.connect_if_loaded()  # a Celery worker imported celery after its managers registered
+    for connect, after_fork in tuple(_HOST_CONNECTS):
+        if after_fork:
+            connect()  # e.g. a Celery worker imported celery after its managers registered (_celery)
     for manager in all_managers():
         try:
             manager._after_fork()
@@ -372,7 +395,7 @@ def _watch_sigterm() -> None:
     global _watch_pipe  # noqa: PLW0603
     if not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
         return
-    if _uwsgi.hosted():
+    if any(forks_in_c() for forks_in_c in tuple(_FORKS_IN_C)):
         # uWSGI forks in C, without Python's fork hooks: its workers would share this pipe, and
         # their signals would read as ours. (No thread may run in a uWSGI master anyway: _uwsgi.)
         return

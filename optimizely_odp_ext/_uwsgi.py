@@ -178,3 +178,6 @@ def _forget_token() -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
         _token = None
+
+
+_lifecycle.add_host(forks_in_c=hosted)

@@ -37,7 +37,7 @@ class ConfigurationError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Everything ``install()`` accepts as keywords. See the README for each one's purpose.
+    """Everything ``install()`` accepts as keywords. See docs/options.md for each one's purpose.
 
     Attributes:
         batch_size: Events per request at most (ODP's own clients cap requests at 100 events).

@@ -207,9 +207,3 @@ def test_mypy_rejects_a_wrong_option_type(tmp_path: pathlib.Path) -> None:
     assert "flush_intervall" in errors[5]
     assert "gzip" in errors[6]
 
-
-def test_readme_documents_every_option() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index("### Options"):readme.index("### Seeing what happens")]
-    missing = sorted(name for name in OPTION_NAMES if f"`{name}`" not in table)
-    assert missing == []

@@ -105,12 +105,11 @@ def test_one_name_per_drop_reason() -> None:
     assert "unencodable" in DROP_REASONS
 
 
-def test_every_stats_key_is_documented() -> None:
+def test_every_stats_key_is_in_the_docstring() -> None:
+    """The pages under docs/ are checked by tests/unit/test_docs.py; this is the docstring editors show."""
     doc = OdpEventStats.__doc__ or ""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for key in (*OdpEventStats.__annotations__, *DROP_REASONS, *REFUSE_REASONS):
         assert re.search(rf"\b{key}\b", doc), f"OdpEventStats does not describe {key!r}"
-        assert f"`{key}`" in readme, f"README does not describe {key!r}"
 
 
 class _Transport:
