@@ -39,7 +39,8 @@ class Batcher(Outcomes):
                 break
             except Exception:
                 _log.exception("reading the spool failed")
-                self.logger.error("ODP spool: reading events left by an earlier process failed; skipping the rest.")
+                self._later(self.logger.error,
+                            "ODP spool: reading events left by an earlier process failed; skipping the rest.")
                 self._recovery = None
                 break
             encoded.seq = -1  # before everything of this process: flush() waits for these too
@@ -73,7 +74,7 @@ class Batcher(Outcomes):
                 self._dropped["unencodable"] += 1
                 line = _compat.ODP_EVENT_FAILED.format(
                     f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped")
-                self.logger.error(line)
+                self._later(self.logger.error, line)
                 if self._on_outcome is not None:
                     self._report("unencodable", [pending], line)
                 continue
@@ -99,7 +100,7 @@ class Batcher(Outcomes):
             kept = spool.append([(target.host, target.key, encoded) for target, encoded in group])
         except Exception as exc:
             _log.exception("spool append failed")
-            self.logger.error(f"ODP spool: writing failed ({exc.__class__.__name__}: {exc}); "
+            self._later(self.logger.error, f"ODP spool: writing failed ({exc.__class__.__name__}: {exc}); "
                               "continuing with memory-only delivery.")
             self._spool = None
             return
@@ -114,7 +115,7 @@ class Batcher(Outcomes):
             if now - self._last_spool_warning >= _WARN_EVERY:  # like the queue's: at most one per _WARN_EVERY
                 self._last_spool_warning = now
                 refused, self._spool_refused = self._spool_refused, 0
-                self.logger.warning(f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
+                self._later(self.logger.warning, f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
                                     f"dropped {refused} new event(s) since the last warning.")
 
     def _take_batch(self) -> Optional[_Batch]:
@@ -145,6 +146,6 @@ class Batcher(Outcomes):
         if self._on_outcome is not None:
             self._report("not_integrated", [pending], _compat.ODP_NOT_INTEGRATED)
         if not self._queue or self._queue[0][1] is not None:
-            self.logger.error(
+            self._later(self.logger.error,
                 f"{_compat.ODP_NOT_INTEGRATED} Discarded event(s) sent before the datafile was loaded "
                 f"({self._dropped['not_integrated']} so far).")

@@ -23,7 +23,7 @@ from . import _compat
 from ._batch import _Batch, _describe, _first_attempt, _rejection
 from ._batcher import Batcher
 from ._bisect import Bisector
-from ._state import _IDLE_WAKE, _WARN_EVERY, SPOOL_INTERVAL
+from ._state import _IDLE_WAKE, _WARN_EVERY, SPOOL_INTERVAL, notify_all
 from ._stats import UNDETERMINED
 from .retry import Verdict, classify
 from .transport import Reply, mask_key
@@ -39,18 +39,27 @@ class Scheduler(Batcher, Bisector):
     def _run(self) -> None:
         while True:
             self._wake.clear()
-            try:
-                timeout = self._step()
-            except Exception:
-                # The worker never dies: log and go on (state stays consistent: every mutation
-                # above is completed before the next can fail).
-                _log.exception("ODP event worker: unexpected error; continuing")
-                self.logger.error("ODP event worker hit an unexpected error and carries on.")
-                timeout = 0.05
+            with self._ledger:
+                if self._finished:
+                    # A close finished without us: before we ran (see EventManager._start), or it took
+                    # over while we were out of the ledger (see EventManager.end_close).
+                    return
+                try:
+                    timeout = self._step()
+                except Exception:
+                    # The worker never dies: log and go on (state stays consistent: every mutation
+                    # above is completed before the next can fail).
+                    _log.exception("ODP event worker: unexpected error; continuing")
+                    self._later(self.logger.error, "ODP event worker hit an unexpected error and carries on.")
+                    timeout = 0.05
+                outbox = self._take_outbox()
+            # Callbacks and log lines run with the ledger released: a slow or re-entrant one changes
+            # timing, never counts.
+            self._say_all(outbox)
             if timeout is None:
-                if self._in_background:
-                    self._finish()
-                break
+                if self._closing:
+                    self._finish()  # closing, and done or out of time: the worker is the finisher
+                return
             if timeout > 0:
                 # Callers wake an idle worker on every append (see enqueue); the flag is raised
                 # before the last look at the queue, so an append is either seen here or wakes us.
@@ -64,9 +73,8 @@ class Scheduler(Batcher, Bisector):
                 self._idle = False
 
     def _step(self) -> Optional[float]:
-        """One pass. Returns how long to sleep, or None to stop (closing and done, or deadline)."""
-        if self._finished:
-            return None  # a worker started while a close finished (see EventManager._start): nothing is its
+        """One pass, under the ledger. Returns how long to sleep, or None to stop (closing and done,
+        or out of time)."""
         now = time.monotonic()
         self._last_pass = now
         if self._overflow_report:
@@ -92,8 +100,7 @@ class Scheduler(Batcher, Bisector):
         # manager closes; never on every pass, or a caller and a worker that cannot drain (no
         # datafile yet, every sender busy) would wake each other in a loop until block_timeout.
         if self._room_waiters and (self._closing or len(self._queue) + len(self._ready) < self._capacity):
-            with self._room:
-                self._room.notify_all()
+            notify_all(self._room)
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:
@@ -112,8 +119,7 @@ class Scheduler(Batcher, Bisector):
             low = min(low, batch.min_seq)
         self._low_water = low
         if self._flush_waiters:
-            with self._flush_cond:
-                self._flush_cond.notify_all()
+            notify_all(self._flush_cond)
 
     def _next_wake(self, now: float) -> float:
         wake = _IDLE_WAKE
@@ -138,32 +144,30 @@ class Scheduler(Batcher, Bisector):
             if was_probe:
                 self._probe_in_flight = False
             verdict = classify(reply.status, len(batch.events))
+            if verdict is Verdict.RETRY:
+                self._schedule_retry(batch, reply, now)
+                continue
+            # Any other answer ends this part: its group (if it is part of a refused batch) learns it.
+            family = self._part_ended(batch)
+            self._finish_batch(batch)
             if verdict is Verdict.DELIVERED:
-                self._finish_batch(batch)
                 self._delivered += len(batch.events)
                 self._ack(batch.events)
-                if self._on_outcome is not None:
-                    self._report("delivered", batch.events, f"HTTP {reply.status}")
+                self._report("delivered", batch.events, f"HTTP {reply.status}")
                 self._refusing_alike = None
-                if batch.family is not None and not batch.family.delivered:
-                    batch.family.delivered = True
-                    self._release_held(batch.family)
+                if family is not None:
+                    family.settled = True  # not systemic: its held parts go on (see _settle)
                 if self._failing_since is not None:
                     self._recovered(now)
-            elif verdict is Verdict.RETRY:
-                self._schedule_retry(batch, reply, now)
             elif reply.status == 400:
-                self._finish_batch(batch)
                 self._on_refused(batch, reply)
             elif verdict is Verdict.SPLIT:
-                self._finish_batch(batch)
-                self._split(batch, batch.family)
-            else:
-                self._finish_batch(batch)
-                if reply.status in (401, 403) and self._rekey(batch, reply):
-                    continue
+                self._split(batch, family)
+            elif not (reply.status in (401, 403) and self._rekey(batch, reply)):
                 reason = "too_large" if reply.status == 413 else "rejected"
                 self._drop(batch.events, reason, _rejection(reply, batch))
+            if family is not None:
+                self._settle(family)
 
     def _rekey(self, batch: _Batch, reply: Reply) -> bool:
         """A 401/403 for events queued under a key the datafile has since replaced: once, the current key."""
@@ -172,11 +176,12 @@ class Scheduler(Batcher, Bisector):
             return False
         moved = _Batch(batch.events, target, batch.first_attempt)
         moved.rekeyed = True
-        self._live[id(moved)] = moved
+        self._own(moved)
         self._priority.append(moved)
-        self.logger.info(f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
-                         f"sending {len(batch.events)} event(s) queued under it with the current key "
-                         f"{mask_key(target.key)}.")
+        self._later(self.logger.info,
+                    f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
+                    f"sending {len(batch.events)} event(s) queued under it with the current key "
+                    f"{mask_key(target.key)}.")
         return True
 
     def _schedule_retry(self, batch: _Batch, reply: Reply, now: float) -> None:
@@ -196,18 +201,21 @@ class Scheduler(Batcher, Bisector):
             self._failing_since = now
         if now - self._last_failure_warning >= _WARN_EVERY:
             self._last_failure_warning = now
-            self.logger.warning(
+            self._later(self.logger.warning,
                 f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
                 f"(next attempt in {delay:.1f} s).")
 
     def _give_up(self, batch: _Batch, why: str) -> None:
+        family = self._part_ended(batch)
         self._finish_batch(batch)
         self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
             f"gave up on {len(batch.events)} event(s){why}"))
+        if family is not None:
+            self._settle(family)
 
     def _recovered(self, now: float) -> None:
         assert self._failing_since is not None
-        self.logger.info(f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
+        self._later(self.logger.info, f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
         self._failing_since = None
         # ODP answers again: every waiting retry may go now, oldest first.
         self._retry_heap = [(now, seq, batch) for _, seq, batch in self._retry_heap]
@@ -268,7 +276,7 @@ class Scheduler(Batcher, Bisector):
                 # would spin every millisecond; update_config() and enqueue() wake it.
                 self._partial_since = None
                 return
-            self._live[id(new_batch)] = new_batch
+            self._own(new_batch)
             self._submit(new_batch, now)
             self._partial_since = now if self._queue or self._ready else None
 
@@ -277,8 +285,7 @@ class Scheduler(Batcher, Bisector):
             batch.first_attempt = now
         self._in_flight += 1
         self._in_flight_events += len(batch.events)
-        if self._on_outcome is not None:
-            self._in_flight_batches[id(batch)] = batch
+        self._in_flight_batches[id(batch)] = batch
         self._requests += 1
         self._send_queue.append(batch)
         self._send_ready.release()

@@ -33,6 +33,21 @@ STALL_SECONDS = 15.0
 
 OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
 
+# How long a notifier waits for a condition's lock. Waiters hold it only between a check and their
+# wait(), microseconds, except a caller our SIGTERM handler interrupted right there (it closes on that
+# very thread): then the notifier goes on, and the waiter sees the change at its next check (each
+# waits _IDLE_WAKE at most). The worker never blocks on a caller this way, the ledger in hand.
+_NOTIFY_PATIENCE = 0.05
+
+
+def notify_all(condition: threading.Condition) -> None:
+    """``condition.notify_all()``, waiting at most _NOTIFY_PATIENCE for its lock."""
+    if condition.acquire(timeout=_NOTIFY_PATIENCE):
+        try:
+            condition.notify_all()
+        finally:
+            condition.release()
+
 
 class ManagerState:
     """Attributes of one manager. Set once in ``EventManager.__init__``, then per process below."""
@@ -41,19 +56,18 @@ class ManagerState:
     # caches; a slot is one fixed offset, where a 70-key instance dict costs a hashed lookup each
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
-    __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen",
-                 "_closed", "_closing", "_count_lock", "_defaults", "_delivered", "_dropped", "_failing_since",
-                 "_finished", "_flush_cond", "_flush_waiters", "_forks_in_c", "_held_for_fork", "_idle",
-                 "_in_background", "_in_flight", "_in_flight_batches", "_in_flight_events", "_initial_target",
-                 "_last_failure_warning", "_last_overflow_warning", "_last_pass", "_last_spool_warning",
-                 "_left_in_spool", "_lifecycle", "_live", "_low_water", "_on_outcome", "_outcome_failures",
-                 "_overflow_popped", "_overflow_report", "_overflow_since_warning", "_overflowed",
-                 "_partial_since", "_pid", "_policy", "_popped", "_priority", "_probe_in_flight", "_queue",
-                 "_ready", "_recovered_count", "_recovery", "_refusal", "_refused", "_refusing_alike",
-                 "_requests", "_results", "_retries", "_retry_heap", "_retry_seq", "_room", "_room_waiters",
-                 "_seen_empty", "_send_queue", "_send_ready", "_senders", "_spool", "_spool_refused",
-                 "_start_lock", "_state", "_target", "_timeout", "_transport", "_transport_factory", "_wake",
-                 "_worker", "logger", "options")
+    __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen", "_closed",
+                 "_closing", "_count_lock", "_defaults", "_delivered", "_dropped", "_failing_since", "_finished",
+                 "_flush_cond", "_flush_waiters", "_forks_in_c", "_held_for_fork", "_idle", "_in_flight",
+                 "_in_flight_batches", "_in_flight_events", "_initial_target", "_last_failure_warning",
+                 "_last_overflow_warning", "_last_pass", "_last_spool_warning", "_ledger", "_left_in_spool",
+                 "_lifecycle", "_live", "_live_events", "_low_water", "_on_outcome", "_outbox", "_outcome_failures",
+                 "_overflow_popped", "_overflow_report", "_overflow_since_warning", "_overflowed", "_partial_since",
+                 "_pid", "_policy", "_popped", "_priority", "_probe_in_flight", "_queue", "_ready", "_recovered_count",
+                 "_recovery", "_refusal", "_refused", "_refusing_alike", "_requests", "_results", "_retries",
+                 "_retry_heap", "_retry_seq", "_room", "_room_waiters", "_seen_empty", "_send_queue", "_send_ready",
+                 "_senders", "_spool", "_spool_refused", "_start_lock", "_state", "_summary", "_target", "_timeout",
+                 "_transport", "_transport_factory", "_wake", "_worker", "logger", "options")
 
     options: Options
     logger: Any
@@ -95,7 +109,10 @@ class ManagerState:
         self._transport: Optional[Transport] = None
         self._closing = False
         self._finished = False
-        self._in_background = False  # closing without a caller waiting (the client was garbage-collected)
+        # The close's summary line: said once, by the closing thread when one waits for the worker
+        # (the worker may be stuck behind a log handler that very thread holds), else by the finisher.
+        # None: nobody waits; True: a closing thread waits; False: said.
+        self._summary: Optional[bool] = None
         self._idle = False
         self._last_pass = time.monotonic()  # the worker's last pass (worker writes, callers read)
         self._seen_empty = True
@@ -115,8 +132,16 @@ class ManagerState:
         self._refused: Dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
         self._last_overflow_warning = -_WARN_EVERY
         self._overflow_since_warning = 0
-        # Owned by the worker thread: only the worker writes these, so they are not locked. Other threads
-        # only read them (stats(), flush()'s barrier), and a read of an int or a len() is atomic.
+        # The ledger: whoever moves an event from one owner to the next (the caller's queue, _ready, a
+        # batch in _live) or to an outcome holds this lock: the worker for each pass, the closing
+        # thread when it takes over from a worker that has let go of it (see EventManager.end_close),
+        # a late caller draining the queue after the close. stats() reads under it, so its
+        # numbers add up. Never held across a callback, a log line or a wait: what a holder has to
+        # say (on_outcome, log lines) goes to _outbox and is said once the lock is released.
+        self._ledger = threading.RLock()
+        self._outbox: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
+        # Written under the ledger only (the worker, or the one finisher); read by others without it
+        # where one atomic read is enough (flush()'s barrier).
         self._popped = 0
         self._delivered = 0
         self._dropped: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
@@ -124,13 +149,14 @@ class ManagerState:
         self._retries = 0
         self._in_flight = 0
         self._in_flight_events = 0
-        self._in_flight_batches: Dict[int, _Batch] = {}  # on_outcome only: which events were in flight
+        self._in_flight_batches: Dict[int, _Batch] = {}  # handed to a sender, no reply taken yet
         self._probe_in_flight = False
         self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
         self._priority: Deque[_Batch] = collections.deque()
         self._retry_heap: List[Tuple[float, int, _Batch]] = []
         self._retry_seq = itertools.count()
-        self._live: Dict[int, _Batch] = {}
+        self._live: Dict[int, _Batch] = {}  # every batch we own: in flight, retrying, queued next, held
+        self._live_events = 0  # events in _live: pending = queue + _ready + this
         # Events taken from the queue: target resolved, encoded once (and spooled, with the spool on).
         self._ready: Deque[Tuple[Encoded, Target]] = collections.deque()
         self._recovered_count = 0
@@ -154,4 +180,4 @@ class ManagerState:
 
         def _refuse_late(self) -> bool: ...
 
-        def _finish(self) -> None: ...
+        def _finish(self, wait: float = -1) -> bool: ...
