@@ -104,7 +104,7 @@ class Scheduler(Batcher, Bisector):
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:
-        if self._live or self._ready or self._in_flight or self._recovery is not None:
+        if self._live or self._ready or self._senders.in_flight() or self._recovery is not None:
             return False
         if not self._queue:
             return True
@@ -134,12 +134,12 @@ class Scheduler(Batcher, Bisector):
         return max(wake, 0.001)
 
     def _take_results(self, now: float) -> None:
-        results = self._results
-        while results:
-            batch, reply = results.popleft()
-            self._in_flight_batches.pop(id(batch), None)
-            self._in_flight -= 1
-            self._in_flight_events -= len(batch.events)
+        senders = self._senders
+        while True:
+            taken = senders.take()
+            if taken is None:
+                return
+            batch, reply = taken
             was_probe, batch.probe = batch.probe, False
             if was_probe:
                 self._probe_in_flight = False
@@ -238,12 +238,13 @@ class Scheduler(Batcher, Bisector):
     def _dispatch(self, now: float) -> None:
         self._seen_empty = False
         limit = self.options.max_in_flight
-        while self._priority and self._in_flight < limit:
+        senders = self._senders
+        while self._priority and senders.in_flight() < limit:
             self._submit(self._priority.popleft(), now)
         if self._retry_heap or self._probe_in_flight:
             if self._failing_since is not None or self._probe_in_flight:
                 # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
-                if not self._probe_in_flight and self._in_flight < limit:
+                if not self._probe_in_flight and senders.in_flight() < limit:
                     due, _, batch = self._retry_heap[0]
                     if due <= now:
                         heapq.heappop(self._retry_heap)
@@ -253,12 +254,12 @@ class Scheduler(Batcher, Bisector):
                 return
             # ODP answers again: the batches that waited go first, as many at once as allowed.
             heap = self._retry_heap
-            while heap and self._in_flight < limit and heap[0][0] <= now:
+            while heap and senders.in_flight() < limit and heap[0][0] <= now:
                 self._submit(heapq.heappop(heap)[2], now)
             if heap:
                 return
         hurry = self._closing or self._flush_waiters > 0 or self.options.flush_interval <= 0
-        while self._in_flight < limit:
+        while senders.in_flight() < limit:
             waiting = len(self._queue) + len(self._ready)
             if waiting == 0 and self._recovery is None:
                 self._partial_since = None
@@ -283,9 +284,5 @@ class Scheduler(Batcher, Bisector):
     def _submit(self, batch: _Batch, now: float) -> None:
         if batch.first_attempt is None:
             batch.first_attempt = now
-        self._in_flight += 1
-        self._in_flight_events += len(batch.events)
-        self._in_flight_batches[id(batch)] = batch
         self._requests += 1
-        self._send_queue.append(batch)
-        self._send_ready.release()
+        self._senders.submit(batch)

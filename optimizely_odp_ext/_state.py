@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Op
 
 from . import _uwsgi
 from ._batch import Target, _Batch, _Item
+from ._senders import Senders
 from ._stats import DROP_REASONS, REFUSE_REASONS
 from ._threads import Wake
 from .event import Encoded, Pending
 from .retry import RetryPolicy
 from .settings import Options
 from .spool import Spool
-from .transport import Reply, Transport
+from .transport import Transport
 
 SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
 _WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
@@ -53,21 +54,20 @@ class ManagerState:
     """Attributes of one manager. Set once in ``EventManager.__init__``, then per process below."""
 
     # Slots: a caller's send reads about a dozen of these attributes after an idle pause, with cold
-    # caches; a slot is one fixed offset, where a 70-key instance dict costs a hashed lookup each
+    # caches; a slot is one fixed offset, where a 60-key instance dict costs a hashed lookup each
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen", "_closed",
                  "_closing", "_count_lock", "_defaults", "_delivered", "_dropped", "_failing_since", "_finished",
-                 "_flush_cond", "_flush_waiters", "_forks_in_c", "_held_for_fork", "_idle", "_in_flight",
-                 "_in_flight_batches", "_in_flight_events", "_initial_target", "_last_failure_warning",
-                 "_last_overflow_warning", "_last_pass", "_last_spool_warning", "_ledger", "_left_in_spool",
-                 "_lifecycle", "_live", "_live_events", "_low_water", "_on_outcome", "_outbox", "_outcome_failures",
-                 "_overflow_popped", "_overflow_report", "_overflow_since_warning", "_overflowed", "_partial_since",
-                 "_pid", "_policy", "_popped", "_priority", "_probe_in_flight", "_queue", "_ready", "_recovered_count",
-                 "_recovery", "_refusal", "_refused", "_refusing_alike", "_requests", "_results", "_retries",
-                 "_retry_heap", "_retry_seq", "_room", "_room_waiters", "_seen_empty", "_send_queue", "_send_ready",
-                 "_senders", "_spool", "_spool_refused", "_start_lock", "_state", "_summary", "_target", "_timeout",
-                 "_transport", "_transport_factory", "_wake", "_worker", "logger", "options")
+                 "_flush_cond", "_flush_waiters", "_forks_in_c", "_held_for_fork", "_idle", "_initial_target",
+                 "_last_failure_warning", "_last_overflow_warning", "_last_pass", "_last_spool_warning", "_ledger",
+                 "_left_in_spool", "_lifecycle", "_live", "_live_events", "_low_water", "_on_outcome", "_outbox",
+                 "_outcome_failures", "_overflow_popped", "_overflow_report", "_overflow_since_warning", "_overflowed",
+                 "_partial_since", "_pid", "_policy", "_popped", "_priority", "_probe_in_flight", "_queue", "_ready",
+                 "_recovered_count", "_recovery", "_refusal", "_refused", "_refusing_alike", "_requests", "_retries",
+                 "_retry_heap", "_retry_seq", "_room", "_room_waiters", "_seen_empty", "_senders", "_spool",
+                 "_spool_refused", "_start_lock", "_state", "_summary", "_target", "_transport_factory", "_wake",
+                 "_worker", "logger", "options")
 
     options: Options
     logger: Any
@@ -76,7 +76,6 @@ class ManagerState:
     _defaults: Dict[str, Any]
     _on_outcome: Optional[OutcomeCallback]
     _outcome_failures: int  # on_outcome raised this often (worker only)
-    _timeout: Tuple[float, float]
     _capacity: int
     _batch_size: int
     # The ODP settings of the current datafile (written by update_config(), read by everyone).
@@ -101,12 +100,8 @@ class ManagerState:
         self._start_lock = threading.Lock()
         self._flush_cond = threading.Condition(threading.RLock())
         self._worker: Optional[threading.Thread] = None
-        self._senders: List[threading.Thread] = []
-        # Worker -> senders and back (see _senders): the only hand-offs between those threads.
-        self._send_queue: Deque[Optional[_Batch]] = collections.deque()
-        self._send_ready = threading.Semaphore(0)
-        self._results: Deque[Tuple[_Batch, Reply]] = collections.deque()
-        self._transport: Optional[Transport] = None
+        # The sender threads, the transport and the batches in flight: a component (see _senders).
+        self._senders = Senders(self.options, self._transport_factory, self._wake)
         self._closing = False
         self._finished = False
         # The close's summary line: said once, by the closing thread when one waits for the worker
@@ -147,9 +142,6 @@ class ManagerState:
         self._dropped: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self._requests = 0
         self._retries = 0
-        self._in_flight = 0
-        self._in_flight_events = 0
-        self._in_flight_batches: Dict[int, _Batch] = {}  # handed to a sender, no reply taken yet
         self._probe_in_flight = False
         self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
         self._priority: Deque[_Batch] = collections.deque()

@@ -28,7 +28,6 @@ from ._batch import Target
 from ._caller_queue import CallerQueue
 from ._outcomes import _reasons
 from ._scheduler import Scheduler
-from ._senders import SenderPool
 from ._state import _IDLE_WAKE, SPOOL_INTERVAL, notify_all
 from ._stats import (
     DROP_REASONS,
@@ -63,7 +62,7 @@ def _default_transport(options: Options) -> Transport:
     return RequestsTransport(pool_size=options.max_in_flight, gzip_body=options.gzip)
 
 
-class EventManager(CallerQueue, Scheduler, SenderPool):
+class EventManager(CallerQueue, Scheduler):
     """Validated events in, batches out to ``{host}/v3/events``.
 
     Args:
@@ -93,7 +92,6 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         self._defaults = default_data(sdk_version or _compat.sdk_version())
         self._on_outcome = options.on_outcome
         self._outcome_failures = 0
-        self._timeout = (options.connect_timeout, options.request_timeout)
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
         self._state = UNDETERMINED
@@ -181,10 +179,9 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         with self._start_lock:
             if self._worker is not None or self._finished:
                 return
-            self._transport = self._transport_factory(self.options)
             # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
             # start threads while the interpreter is exiting, which is when the exit flush runs.
-            self._start_senders()
+            self._senders.start()
             self._last_pass = time.monotonic()  # the stall check counts from the worker's start
             worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
             # Known before it runs: a close from here on (our SIGTERM handler may interrupt this very
@@ -203,10 +200,7 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         this releases the rest. The worker sees the close (begin_close) and ends by itself."""
         if not self._finished:
             return
-        self._stop_senders()
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
+        self._senders.stop()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Waits until every event queued before this call is delivered or given up.
@@ -403,17 +397,15 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         if self._overflow_report:
             self._report_overflow()
         self._take_results(time.monotonic())  # replies already here count as what they say
-        flying = self._in_flight_batches
-        in_flight = [e for batch in flying.values() for e in batch.events]
+        flying = {id(batch) for batch in self._senders.let_go()}
+        in_flight = [e for batch in self._live.values() if id(batch) in flying for e in batch.events]
         waiting = [e for batch in self._live.values() if id(batch) not in flying for e in batch.events]
         waiting += [e for e, _ in self._ready]
         for batch in list(self._live.values()):
             self._finish_batch(batch)
-        flying.clear()
         self._ready.clear()
         self._priority.clear()
         self._retry_heap = []
-        self._in_flight_events = 0
         if self._spool is not None:
             # Written to the spool and not acknowledged: the next process with this spool_dir sends them.
             left = in_flight + waiting
@@ -436,13 +428,7 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
                 self._spool.close()
             except Exception:
                 _log.debug("spool close failed", exc_info=True)
-        self._stop_senders()
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            try:
-                transport.close()
-            except Exception:  # closing is best effort
-                _log.debug("transport close failed", exc_info=True)
+        self._senders.stop()
         notify_all(self._flush_cond)
         notify_all(self._room)
         if self._summary is None:
