@@ -50,12 +50,12 @@ class Scheduler(Batcher, Bisector):
                     # The worker never dies: log and go on (state stays consistent: every mutation
                     # above is completed before the next can fail).
                     _log.exception("ODP event worker: unexpected error; continuing")
-                    self._later(self.logger.error, "ODP event worker hit an unexpected error and carries on.")
+                    self._tally.later(self.logger.error, "ODP event worker hit an unexpected error and carries on.")
                     timeout = 0.05
-                outbox = self._take_outbox()
+                outbox = self._tally.take()
             # Callbacks and log lines run with the ledger released: a slow or re-entrant one changes
             # timing, never counts.
-            self._say_all(outbox)
+            self._tally.say_all(outbox)
             if timeout is None:
                 if self._closing:
                     self._finish()  # closing, and done or out of time: the worker is the finisher
@@ -151,9 +151,8 @@ class Scheduler(Batcher, Bisector):
             family = self._part_ended(batch)
             self._finish_batch(batch)
             if verdict is Verdict.DELIVERED:
-                self._delivered += len(batch.events)
                 self._ack(batch.events)
-                self._report("delivered", batch.events, f"HTTP {reply.status}")
+                self._tally.deliver(batch.events, f"HTTP {reply.status}")
                 self._refusing_alike = None
                 if family is not None:
                     family.settled = True  # not systemic: its held parts go on (see _settle)
@@ -178,7 +177,7 @@ class Scheduler(Batcher, Bisector):
         moved.rekeyed = True
         self._own(moved)
         self._priority.append(moved)
-        self._later(self.logger.info,
+        self._tally.later(self.logger.info,
                     f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
                     f"sending {len(batch.events)} event(s) queued under it with the current key "
                     f"{mask_key(target.key)}.")
@@ -195,13 +194,13 @@ class Scheduler(Batcher, Bisector):
         if self._closing:
             # Shutdown cuts retry waits short; the close deadline still bounds the whole.
             delay = min(delay, 1.0)
-        self._retries += 1
+        self._tally.retries += 1
         heapq.heappush(self._retry_heap, (now + delay, next(self._retry_seq), batch))
         if self._failing_since is None:
             self._failing_since = now
         if now - self._last_failure_warning >= _WARN_EVERY:
             self._last_failure_warning = now
-            self._later(self.logger.warning,
+            self._tally.later(self.logger.warning,
                 f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
                 f"(next attempt in {delay:.1f} s).")
 
@@ -215,7 +214,7 @@ class Scheduler(Batcher, Bisector):
 
     def _recovered(self, now: float) -> None:
         assert self._failing_since is not None
-        self._later(self.logger.info, f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
+        self._tally.later(self.logger.info, f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
         self._failing_since = None
         # ODP answers again: every waiting retry may go now, oldest first.
         self._retry_heap = [(now, seq, batch) for _, seq, batch in self._retry_heap]
@@ -284,5 +283,5 @@ class Scheduler(Batcher, Bisector):
     def _submit(self, batch: _Batch, now: float) -> None:
         if batch.first_attempt is None:
             batch.first_attempt = now
-        self._requests += 1
+        self._tally.requests += 1
         self._senders.submit(batch)

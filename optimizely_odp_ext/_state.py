@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Op
 from . import _uwsgi
 from ._batch import Target, _Batch, _Item
 from ._senders import Senders
-from ._stats import DROP_REASONS, REFUSE_REASONS
+from ._stats import REFUSE_REASONS
+from ._tally import Tally
 from ._threads import Wake
 from .event import Encoded, Pending
 from .retry import RetryPolicy
@@ -58,16 +59,15 @@ class ManagerState:
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen", "_closed",
-                 "_closing", "_count_lock", "_defaults", "_delivered", "_dropped", "_failing_since", "_finished",
-                 "_flush_cond", "_flush_waiters", "_forks_in_c", "_held_for_fork", "_idle", "_initial_target",
-                 "_last_failure_warning", "_last_overflow_warning", "_last_pass", "_last_spool_warning", "_ledger",
-                 "_left_in_spool", "_lifecycle", "_live", "_live_events", "_low_water", "_on_outcome", "_outbox",
-                 "_outcome_failures", "_overflow_popped", "_overflow_report", "_overflow_since_warning", "_overflowed",
-                 "_partial_since", "_pid", "_policy", "_popped", "_priority", "_probe_in_flight", "_queue", "_ready",
-                 "_recovered_count", "_recovery", "_refusal", "_refused", "_refusing_alike", "_requests", "_retries",
-                 "_retry_heap", "_retry_seq", "_room", "_room_waiters", "_seen_empty", "_senders", "_spool",
-                 "_spool_refused", "_start_lock", "_state", "_summary", "_target", "_transport_factory", "_wake",
-                 "_worker", "logger", "options")
+                 "_closing", "_count_lock", "_defaults", "_failing_since", "_finished", "_flush_cond", "_flush_waiters",
+                 "_forks_in_c", "_held_for_fork", "_idle", "_initial_target", "_last_failure_warning",
+                 "_last_overflow_warning", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
+                 "_live_events", "_low_water", "_on_outcome", "_overflow_popped", "_overflow_report",
+                 "_overflow_since_warning", "_overflowed", "_partial_since", "_pid", "_policy", "_popped", "_priority",
+                 "_probe_in_flight", "_queue", "_ready", "_recovered_count", "_recovery", "_refusal", "_refused",
+                 "_refusing_alike", "_retry_heap", "_retry_seq", "_room", "_room_waiters", "_seen_empty", "_senders",
+                 "_spool", "_spool_refused", "_start_lock", "_state", "_summary", "_tally", "_target",
+                 "_transport_factory", "_wake", "_worker", "logger", "options")
 
     options: Options
     logger: Any
@@ -75,7 +75,6 @@ class ManagerState:
     _policy: RetryPolicy
     _defaults: Dict[str, Any]
     _on_outcome: Optional[OutcomeCallback]
-    _outcome_failures: int  # on_outcome raised this often (worker only)
     _capacity: int
     _batch_size: int
     # The ODP settings of the current datafile (written by update_config(), read by everyone).
@@ -132,16 +131,13 @@ class ManagerState:
         # thread when it takes over from a worker that has let go of it (see EventManager.end_close),
         # a late caller draining the queue after the close. stats() reads under it, so its
         # numbers add up. Never held across a callback, a log line or a wait: what a holder has to
-        # say (on_outcome, log lines) goes to _outbox and is said once the lock is released.
+        # say (on_outcome, log lines) goes to the tally's outbox and is said once the lock is released.
         self._ledger = threading.RLock()
-        self._outbox: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
+        # The outcome counters, and what is to be said about outcomes once the ledger is released.
+        self._tally = Tally(self._on_outcome, self.logger)
         # Written under the ledger only (the worker, or the one finisher); read by others without it
         # where one atomic read is enough (flush()'s barrier).
         self._popped = 0
-        self._delivered = 0
-        self._dropped: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
-        self._requests = 0
-        self._retries = 0
         self._probe_in_flight = False
         self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
         self._priority: Deque[_Batch] = collections.deque()
@@ -153,7 +149,6 @@ class ManagerState:
         self._ready: Deque[Tuple[Encoded, Target]] = collections.deque()
         self._recovered_count = 0
         self._recovery = None
-        self._left_in_spool = 0
         self._partial_since: Optional[float] = None
         self._failing_since: Optional[float] = None
         self._last_failure_warning = -_WARN_EVERY

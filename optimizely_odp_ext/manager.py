@@ -6,9 +6,10 @@
 - :mod:`._scheduler` — the worker thread: replies, retries, the outage probe, dispatching batches;
 - :mod:`._batcher` — from the queue to batches: target, encoding, the spool hand-off;
 - :mod:`._bisect` — a batch refused with a 400: bisecting, or sampling a systemic refusal;
-- :mod:`._senders` — the sender threads doing HTTP through the :class:`~.transport.Transport`;
-- :mod:`._outcomes` — the counters every outcome goes through, and ``on_outcome``;
-- :mod:`._state` — the state they share, by owning thread.
+- :mod:`._senders` — a component: the sender threads doing HTTP through the :class:`~.transport.Transport`;
+- :mod:`._outcomes` — the ledger's bookkeeping: the batches held, each outcome, ``stats()``;
+- :mod:`._tally` — a component: the outcome counters, and ``on_outcome`` and log lines said outside the ledger;
+- :mod:`._state` — the state they share, by owning thread, and the ledger lock.
 
 This module keeps what ties them together for one manager: construction, the ODP settings of the
 datafile, starting the threads, ``flush()``, ``close()`` and fork handling. What is process-wide
@@ -26,7 +27,6 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 from . import _compat, _lifecycle, _uwsgi
 from ._batch import Target
 from ._caller_queue import CallerQueue
-from ._outcomes import _reasons
 from ._scheduler import Scheduler
 from ._state import _IDLE_WAKE, SPOOL_INTERVAL, notify_all
 from ._stats import (
@@ -39,6 +39,7 @@ from ._stats import (
     OdpEventStats,
     no_stats,
 )
+from ._tally import reasons
 from ._threads import start_quiet
 from .event import Encoded, default_data
 from .retry import RetryPolicy
@@ -91,7 +92,6 @@ class EventManager(CallerQueue, Scheduler):
             retry_after_cap=options.retry_after_max)
         self._defaults = default_data(sdk_version or _compat.sdk_version())
         self._on_outcome = options.on_outcome
-        self._outcome_failures = 0
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
         self._state = UNDETERMINED
@@ -355,8 +355,8 @@ class EventManager(CallerQueue, Scheduler):
         """An event appended once the close finished: whoever pops it counts it, exactly once."""
         with self._ledger:
             drained = self._drain_queue()
-            outbox = self._take_outbox()
-        self._say_all(outbox)
+            outbox = self._tally.take()
+        self._tally.say_all(outbox)
         if drained:
             self.logger.error("ODP event not sent: the ODP event manager is closed.")
         return False
@@ -376,10 +376,10 @@ class EventManager(CallerQueue, Scheduler):
             return False
         try:
             finisher = self._count_what_is_left()
-            outbox = self._take_outbox()
+            outbox = self._tally.take()
         finally:
             self._ledger.release()
-        self._say_all(outbox)
+        self._tally.say_all(outbox)
         if finisher:
             self._release()
         return True
@@ -409,13 +409,10 @@ class EventManager(CallerQueue, Scheduler):
         if self._spool is not None:
             # Written to the spool and not acknowledged: the next process with this spool_dir sends them.
             left = in_flight + waiting
-            self._left_in_spool += len(left)
-            self._report("left_in_spool", left, "kept in the spool: the next start with this spool_dir sends them")
+            self._tally.keep_in_spool(left, "kept in the spool: the next start with this spool_dir sends them")
         else:
-            self._dropped["unconfirmed"] += len(in_flight)
-            self._report("unconfirmed", in_flight, "in flight at the close deadline: ODP may have them")
-            self._dropped["shutdown"] += len(waiting)
-            self._report("shutdown", waiting, "not sent by the close deadline")
+            self._tally.drop(in_flight, "unconfirmed", None, "in flight at the close deadline: ODP may have them")
+            self._tally.drop(waiting, "shutdown", None, "not sent by the close deadline")
         self._drain_queue()  # never written anywhere: lost with this process
         self._update_low_water()
         return True
@@ -443,8 +440,8 @@ class EventManager(CallerQueue, Scheduler):
         stats = self.stats()
         dropped = sum(stats["dropped"].values())
         line = (f"ODP event manager closed: {stats['delivered']} delivered, {dropped} dropped"
-                + (f" ({_reasons(stats['dropped'])})" if dropped else "")
-                + (f", {self._left_in_spool} left in the spool for the next start" if self._left_in_spool else "")
+                + (f" ({reasons(stats['dropped'])})" if dropped else "")
+                + (f", {stats['left_in_spool']} left in the spool for the next start" if stats["left_in_spool"] else "")
                 + ".")
         if dropped:
             self.logger.warning(line)
