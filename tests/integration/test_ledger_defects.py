@@ -373,3 +373,40 @@ def test_a_client_closed_before_install_stays_closed(
     stats = client.odp_event_stats()
     assert (stats["accepted"], stats["refused"]["closed"]) == (0, 2)
     assert {t for t in threading.enumerate() if t.name.startswith("odp-ext-")} - threads == set()
+
+
+# ----------------------------------------------------------------- re-entrant callbacks
+
+
+def test_a_callback_that_sends_and_closes_reentrantly_changes_no_count(
+        odp_server: FakeOdpServer, installed: Callable[..., Any]) -> None:
+    """on_outcome, on the worker thread, sends one more event and closes the client: the close
+    returns at once (the worker finishes it when the callback returns), and every accepted event
+    still has exactly one outcome, reported once."""
+    calls: List[str] = []
+    box: List[Any] = []
+
+    def callback(outcome: str, events: List[Dict[str, Any]], detail: str) -> None:
+        calls.extend(str(e["idempotence_id"]) for e in events)
+        if len(calls) == len(events):  # the first call only
+            send(box[0], ["reentrant-0"])
+            box[0].close()
+
+    client = installed(odp_server, on_outcome=callback, batch_size=2)
+    box.append(client)
+    manager = manager_of(client)
+    assert manager is not None
+    send(client, ids("first", 2))
+    assert wait_until(lambda: manager.closed, timeout=FLUSH_TIMEOUT)
+    worker = manager._worker
+    assert worker is not None
+    worker.join(FLUSH_TIMEOUT)
+    assert not worker.is_alive()
+
+    stats = client.odp_event_stats()
+    assert stats["accepted"] == 3, stats
+    assert stats["pending"] == 0, stats
+    assert balanced(stats), stats
+    assert sorted(calls) == sorted([*ids("first", 2), "reentrant-0"])  # each reported once
+    assert set(delivered(odp_server)) <= set(calls)
+    assert stats["delivered"] == len(set(delivered(odp_server)))
