@@ -10,8 +10,8 @@ from typing import List, Optional, Tuple
 
 from . import _compat
 from ._batch import Target, _Batch
+from ._caller_counts import _WARN_EVERY
 from ._outcomes import Outcomes
-from ._state import _WARN_EVERY
 from ._stats import UNDETERMINED
 from .event import Encoded, Pending, batch_size_bytes, encode
 from .transport import events_url
@@ -74,7 +74,7 @@ class Batcher(Outcomes):
                 self._tally.drop([pending], "unencodable", _compat.ODP_EVENT_FAILED.format(
                     f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped"))
                 continue
-            encoded.seq = self._popped + self._overflow_popped - 1
+            encoded.seq = self._popped + self._counts.popped - 1
             if batch_size_bytes(1, len(encoded)) > max_bytes:
                 self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
                     f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "

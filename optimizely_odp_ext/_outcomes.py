@@ -3,7 +3,7 @@ the tally (:mod:`._tally`) and acknowledged to the spool, and :meth:`Outcomes.st
 
 Delivered and dropped events are counted under the ledger (``ManagerState._ledger``) by the one party
 that removes them from their owner; the caller's side counts refused calls and queue overflows under
-``_count_lock`` (rare paths only). ``pending`` is what the owners hold, counted from them.
+their own lock (:mod:`._caller_counts`, rare paths only). ``pending`` is what the owners hold, counted from them.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ class Outcomes(ManagerState):
 
     def count_refused(self, reason: str) -> None:
         """Counts one call refused before queueing, by reason (one of :data:`REFUSE_REASONS`)."""
-        with self._count_lock:
-            self._refused[reason] += 1
+        self._counts.refuse(reason)
 
     def _own(self, batch: _Batch) -> None:
         """A new batch of events we hold (sent, retried, queued next or held): pending until it ends."""
@@ -59,11 +58,8 @@ class Outcomes(ManagerState):
                 _log.exception("spool ack failed")
 
     def _report_overflow(self) -> None:
-        dropped: List[Pending] = []
-        with contextlib.suppress(IndexError):
-            while True:
-                dropped.append(self._overflow_report.popleft())
-        self._tally.report("queue_full", dropped, f"ODP event queue is full ({self._capacity} events)")
+        self._tally.report("queue_full", self._counts.take_report(),
+                           f"ODP event queue is full ({self._capacity} events)")
 
     def _drain_queue(self) -> int:
         """Under the ledger, once closed: what is left in the caller's queue ends as ``shutdown``."""
@@ -88,11 +84,12 @@ class Outcomes(ManagerState):
             self._after_fork()
         with self._ledger:
             queued = len(self._queue)  # read once: callers append meanwhile, without the ledger
-            overflowed = self._overflowed  # likewise: counted in accepted and in dropped alike
+            counts = self._counts
+            overflowed = counts.overflowed  # likewise: counted in accepted and in dropped alike
             tally = self._tally
             dropped = dict(tally.dropped)
             dropped["queue_full"] += overflowed
-            # drop_oldest: an event popped by the caller to make room is in _overflowed, and the new
+            # drop_oldest: an event popped by the caller to make room is in overflowed, and the new
             # one took its place in the queue, so each accepted event is counted exactly once.
             accepted = self._popped + queued + overflowed + self._recovered_count
             return {
@@ -102,7 +99,7 @@ class Outcomes(ManagerState):
                 "pending": self._pending(queued),
                 "recovered": self._recovered_count,
                 "left_in_spool": tally.left_in_spool,
-                "refused": dict(self._refused),
+                "refused": dict(counts.refused),
                 "requests": tally.requests,
                 "retries": tally.retries,
                 "queued": queued,

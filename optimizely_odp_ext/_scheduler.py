@@ -23,7 +23,8 @@ from . import _compat
 from ._batch import _Batch, _describe, _first_attempt, _rejection
 from ._batcher import Batcher
 from ._bisect import Bisector
-from ._state import _IDLE_WAKE, _WARN_EVERY, SPOOL_INTERVAL, notify_all
+from ._caller_counts import _WARN_EVERY
+from ._state import _IDLE_WAKE, SPOOL_INTERVAL, notify_all
 from ._stats import UNDETERMINED
 from .retry import Verdict, classify
 from .transport import Reply, mask_key
@@ -77,7 +78,7 @@ class Scheduler(Batcher, Bisector):
         or out of time)."""
         now = time.monotonic()
         self._last_pass = now
-        if self._overflow_report:
+        if self._counts.to_report:
             self._report_overflow()
         self._take_results(now)
         self._expire(now)
@@ -112,7 +113,7 @@ class Scheduler(Batcher, Bisector):
         return self._state is UNDETERMINED and self._queue[0][1] is None
 
     def _update_low_water(self) -> None:
-        low = -1 if self._recovery is not None else self._popped + self._overflow_popped
+        low = -1 if self._recovery is not None else self._popped + self._counts.popped
         if self._ready:
             low = min(low, self._ready[0][0].seq)
         for batch in self._live.values():

@@ -16,18 +16,17 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Op
 
 from . import _uwsgi
 from ._batch import Target, _Batch, _Item
+from ._caller_counts import _WARN_EVERY, CallerCounts
 from ._senders import Senders
-from ._stats import REFUSE_REASONS
 from ._tally import Tally
 from ._threads import Wake
-from .event import Encoded, Pending
+from .event import Encoded
 from .retry import RetryPolicy
 from .settings import Options
 from .spool import Spool
 from .transport import Transport
 
 SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
-_WARN_EVERY = 10.0  # seconds between two "queue full" / "still failing" warnings
 _IDLE_WAKE = 5.0  # the worker looks around at least this often, even with nothing to do
 # A worker that has not passed for this long while events wait is not running at all: Python threads
 # do not run in this process (uWSGI without threads support, a frozen interpreter...).
@@ -59,12 +58,12 @@ class ManagerState:
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen", "_closed",
-                 "_closing", "_count_lock", "_defaults", "_failing_since", "_finished", "_flush_cond", "_flush_waiters",
+                 "_closing", "_counts", "_defaults", "_failing_since", "_finished", "_flush_cond", "_flush_waiters",
                  "_forks_in_c", "_held_for_fork", "_idle", "_initial_target", "_last_failure_warning",
-                 "_last_overflow_warning", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
-                 "_live_events", "_low_water", "_on_outcome", "_overflow_popped", "_overflow_report",
-                 "_overflow_since_warning", "_overflowed", "_partial_since", "_pid", "_policy", "_popped", "_priority",
-                 "_probe_in_flight", "_queue", "_ready", "_recovered_count", "_recovery", "_refusal", "_refused",
+                 "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
+                 "_live_events", "_low_water", "_on_outcome",
+                 "_partial_since", "_pid", "_policy", "_popped", "_priority",
+                 "_probe_in_flight", "_queue", "_ready", "_recovered_count", "_recovery", "_refusal",
                  "_refusing_alike", "_retry_heap", "_retry_seq", "_room", "_room_waiters", "_seen_empty", "_senders",
                  "_spool", "_spool_refused", "_start_lock", "_state", "_summary", "_tally", "_target",
                  "_transport_factory", "_wake", "_worker", "logger", "options")
@@ -117,15 +116,8 @@ class ManagerState:
         # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
         self._room = threading.Condition(threading.RLock())
         self._room_waiters = 0
-        # Counted by the caller's side, on rare paths only (under _count_lock).
-        self._count_lock = threading.RLock()
-        self._overflowed = 0
-        # on_outcome only: events the caller's side dropped as queue_full, for the worker to report.
-        self._overflow_report: Deque[Pending] = collections.deque()
-        self._overflow_popped = 0  # drop_oldest: events that left the queue from the caller's side
-        self._refused: Dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)
-        self._last_overflow_warning = -_WARN_EVERY
-        self._overflow_since_warning = 0
+        # Counted by the caller's side, on rare paths only: refused calls, a full queue's drops.
+        self._counts = CallerCounts(self._capacity, self.logger, self._on_outcome is not None)
         # The ledger: whoever moves an event from one owner to the next (the caller's queue, _ready, a
         # batch in _live) or to an outcome holds this lock: the worker for each pass, the closing
         # thread when it takes over from a worker that has let go of it (see EventManager.end_close),

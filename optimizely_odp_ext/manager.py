@@ -3,6 +3,7 @@
 :class:`EventManager` is assembled from one class per job, each in its own module:
 
 - :mod:`._caller_queue` — the caller's side: ``enqueue()``, the overflow policy, waking the worker;
+- :mod:`._caller_counts` — a component: what the caller's side counts (refused calls, a full queue's drops);
 - :mod:`._scheduler` — the worker thread: replies, retries, the outage probe, dispatching batches;
 - :mod:`._batcher` — from the queue to batches: target, encoding, the spool hand-off;
 - :mod:`._bisect` — a batch refused with a 400: bisecting, or sampling a systemic refusal;
@@ -224,7 +225,7 @@ class EventManager(CallerQueue, Scheduler):
                                    "on_outcome?), which cannot wait for itself")
         if worker is None or not worker.is_alive() or self._finished:
             return self._flush_now(start, timeout is None, None)  # nothing will move without a worker
-        barrier = self._popped + self._overflow_popped + len(self._queue)
+        barrier = self._popped + self._counts.popped + len(self._queue)
         options = self.options
         bound = (options.retry_window + options.connect_timeout + options.request_timeout
                  if timeout is None else max(timeout, 0.0))
@@ -394,7 +395,7 @@ class EventManager(CallerQueue, Scheduler):
             if self._finished:
                 return False  # once: the worker and a closing thread may both get here
             self._finished = True
-        if self._overflow_report:
+        if self._counts.to_report:
             self._report_overflow()
         self._take_results(time.monotonic())  # replies already here count as what they say
         flying = {id(batch) for batch in self._senders.let_go()}
