@@ -51,7 +51,10 @@ class Senders:
         self.events = 0  # events in those batches
 
     def start(self) -> None:
-        """Builds the transport and starts the threads (the caller holds the manager's start lock)."""
+        """Builds the transport and starts the threads (the caller holds the manager's start lock).
+        Once: a second call (the worker could not start, the next event tries again) does nothing."""
+        if self._threads:
+            return
         self._transport = self._factory(self._options)
         for index in range(self._options.max_in_flight):
             sender = threading.Thread(target=self._send_loop, name=f"odp-ext-sender-{index}", daemon=True)

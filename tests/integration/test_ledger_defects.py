@@ -287,11 +287,11 @@ def test_one_clients_uninstall_does_not_stall_another_clients_first_send(
         other = make_client(datafile_json=datafile(odp_server.url, TEST_KEY), logger=log[0])
         send(closing, ["a-0"])
         assert recorder.entered.wait(FLUSH_TIMEOUT)  # its worker is held in on_outcome: close() waits
+        manager = manager_of(closing)
+        assert manager is not None
         uninstaller = threading.Thread(target=optimizely_odp_ext.uninstall, args=(closing,), name="test-uninstall")
         uninstaller.start()
         try:
-            manager = manager_of(closing)
-            assert manager is not None
             assert wait_until(lambda: manager.closed, timeout=FLUSH_TIMEOUT)
             send(other, ["b-0"])  # its first send makes its manager: must not wait for the other's close
             assert uninstaller.is_alive(), "the other client's send waited for the uninstall to end"
