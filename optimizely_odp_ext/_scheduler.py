@@ -14,7 +14,6 @@ Everything here runs on the worker thread only, which owns the delivery state: n
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from typing import Optional
@@ -23,7 +22,6 @@ from . import _compat
 from ._batch import _Batch, _describe, _first_attempt, _rejection
 from ._batcher import Batcher
 from ._bisect import Bisector
-from ._caller_counts import _WARN_EVERY
 from ._state import _IDLE_WAKE, SPOOL_INTERVAL, notify_all
 from ._stats import UNDETERMINED
 from .retry import Verdict, classify
@@ -88,8 +86,7 @@ class Scheduler(Batcher, Bisector):
         if self._closing and not self._close_seen:
             self._close_seen = True
             # Shutdown cuts every retry wait short; the close deadline bounds the whole.
-            self._retry_heap = [(min(due, now), seq, batch) for due, seq, batch in self._retry_heap]
-            heapq.heapify(self._retry_heap)
+            self._retry.due_by(now, every=False)
         if self._closing and (now >= self._close_deadline or self._nothing_left()):
             if self._spool is not None and self._queue:
                 self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
@@ -124,8 +121,9 @@ class Scheduler(Batcher, Bisector):
 
     def _next_wake(self, now: float) -> float:
         wake = _IDLE_WAKE
-        if self._retry_heap and not self._probe_in_flight:
-            wake = min(wake, self._retry_heap[0][0] - now)
+        due = self._retry.next_due()
+        if due is not None:
+            wake = min(wake, due - now)
         if self._partial_since is not None:
             wake = min(wake, self._partial_since + self.options.flush_interval - now)
         if self._closing:
@@ -143,7 +141,7 @@ class Scheduler(Batcher, Bisector):
             batch, reply = taken
             was_probe, batch.probe = batch.probe, False
             if was_probe:
-                self._probe_in_flight = False
+                self._retry.probe_in_flight = False
             verdict = classify(reply.status, len(batch.events))
             if verdict is Verdict.RETRY:
                 self._schedule_retry(batch, reply, now)
@@ -157,7 +155,7 @@ class Scheduler(Batcher, Bisector):
                 self._refusing_alike = None
                 if family is not None:
                     family.settled = True  # not systemic: its held parts go on (see _settle)
-                if self._failing_since is not None:
+                if self._retry.failing_since is not None:
                     self._recovered(now)
             elif reply.status == 400:
                 self._on_refused(batch, reply)
@@ -196,11 +194,7 @@ class Scheduler(Batcher, Bisector):
             # Shutdown cuts retry waits short; the close deadline still bounds the whole.
             delay = min(delay, 1.0)
         self._tally.retries += 1
-        heapq.heappush(self._retry_heap, (now + delay, next(self._retry_seq), batch))
-        if self._failing_since is None:
-            self._failing_since = now
-        if now - self._last_failure_warning >= _WARN_EVERY:
-            self._last_failure_warning = now
+        if self._retry.push(batch, now + delay, now):
             self._tally.later(self.logger.warning,
                 f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
                 f"(next attempt in {delay:.1f} s).")
@@ -214,26 +208,13 @@ class Scheduler(Batcher, Bisector):
             self._settle(family)
 
     def _recovered(self, now: float) -> None:
-        assert self._failing_since is not None
-        self._tally.later(self.logger.info, f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
-        self._failing_since = None
-        # ODP answers again: every waiting retry may go now, oldest first.
-        self._retry_heap = [(now, seq, batch) for _, seq, batch in self._retry_heap]
-        heapq.heapify(self._retry_heap)
+        outage = self._retry.recovered(now)
+        self._tally.later(self.logger.info, f"ODP event delivery recovered after {outage:.1f} s.")
 
     def _expire(self, now: float) -> None:
-        heap = self._retry_heap
-        if not heap:
-            return
-        kept = []
-        for entry in heap:
-            if self._policy.expired(_first_attempt(entry[2]), now):
-                self._give_up(entry[2], f": retry window of {self._policy.window:g} s expired")
-            else:
-                kept.append(entry)
-        if len(kept) != len(heap):
-            heapq.heapify(kept)
-            self._retry_heap = kept
+        policy = self._policy
+        for batch in self._retry.take_expired(lambda waiting: policy.expired(_first_attempt(waiting), now)):
+            self._give_up(batch, f": retry window of {policy.window:g} s expired")
 
     def _dispatch(self, now: float) -> None:
         self._seen_empty = False
@@ -241,22 +222,24 @@ class Scheduler(Batcher, Bisector):
         senders = self._senders
         while self._priority and senders.in_flight() < limit:
             self._submit(self._priority.popleft(), now)
-        if self._retry_heap or self._probe_in_flight:
-            if self._failing_since is not None or self._probe_in_flight:
+        retry = self._retry
+        if len(retry) or retry.probe_in_flight:
+            if retry.failing_since is not None or retry.probe_in_flight:
                 # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
-                if not self._probe_in_flight and senders.in_flight() < limit:
-                    due, _, batch = self._retry_heap[0]
-                    if due <= now:
-                        heapq.heappop(self._retry_heap)
-                        batch.probe = True
-                        self._probe_in_flight = True
-                        self._submit(batch, now)
+                if not retry.probe_in_flight and senders.in_flight() < limit:
+                    probe = retry.pop_due(now)
+                    if probe is not None:
+                        probe.probe = True
+                        retry.probe_in_flight = True
+                        self._submit(probe, now)
                 return
             # ODP answers again: the batches that waited go first, as many at once as allowed.
-            heap = self._retry_heap
-            while heap and senders.in_flight() < limit and heap[0][0] <= now:
-                self._submit(heapq.heappop(heap)[2], now)
-            if heap:
+            while senders.in_flight() < limit:
+                due = retry.pop_due(now)
+                if due is None:
+                    break
+                self._submit(due, now)
+            if len(retry):
                 return
         hurry = self._closing or self._flush_waiters > 0 or self.options.flush_interval <= 0
         while senders.in_flight() < limit:

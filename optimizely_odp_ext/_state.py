@@ -8,7 +8,6 @@ queue, the scheduler, the batcher, the bisector, the sender pool, the outcomes);
 from __future__ import annotations
 
 import collections
-import itertools
 import os
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Op
 from . import _uwsgi
 from ._batch import Target, _Batch, _Item
 from ._caller_counts import _WARN_EVERY, CallerCounts
+from ._retries import Retries
 from ._senders import Senders
 from ._tally import Tally
 from ._threads import Wake
@@ -58,13 +58,13 @@ class ManagerState:
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen", "_closed",
-                 "_closing", "_counts", "_defaults", "_failing_since", "_finished", "_flush_cond", "_flush_waiters",
-                 "_forks_in_c", "_held_for_fork", "_idle", "_initial_target", "_last_failure_warning",
+                 "_closing", "_counts", "_defaults", "_finished", "_flush_cond", "_flush_waiters",
+                 "_forks_in_c", "_held_for_fork", "_idle", "_initial_target",
                  "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
                  "_live_events", "_low_water", "_on_outcome",
                  "_partial_since", "_pid", "_policy", "_popped", "_priority",
-                 "_probe_in_flight", "_queue", "_ready", "_recovered_count", "_recovery", "_refusal",
-                 "_refusing_alike", "_retry_heap", "_retry_seq", "_room", "_room_waiters", "_seen_empty", "_senders",
+                 "_queue", "_ready", "_recovered_count", "_recovery", "_refusal",
+                 "_refusing_alike", "_retry", "_room", "_room_waiters", "_seen_empty", "_senders",
                  "_spool", "_spool_refused", "_start_lock", "_state", "_summary", "_tally", "_target",
                  "_transport_factory", "_wake", "_worker", "logger", "options")
 
@@ -130,11 +130,9 @@ class ManagerState:
         # Written under the ledger only (the worker, or the one finisher); read by others without it
         # where one atomic read is enough (flush()'s barrier).
         self._popped = 0
-        self._probe_in_flight = False
         self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
         self._priority: Deque[_Batch] = collections.deque()
-        self._retry_heap: List[Tuple[float, int, _Batch]] = []
-        self._retry_seq = itertools.count()
+        self._retry = Retries()  # batches waiting for another attempt, and the outage (see _retries)
         self._live: Dict[int, _Batch] = {}  # every batch we own: in flight, retrying, queued next, held
         self._live_events = 0  # events in _live: pending = queue + _ready + this
         # Events taken from the queue: target resolved, encoded once (and spooled, with the spool on).
@@ -142,8 +140,6 @@ class ManagerState:
         self._recovered_count = 0
         self._recovery = None
         self._partial_since: Optional[float] = None
-        self._failing_since: Optional[float] = None
-        self._last_failure_warning = -_WARN_EVERY
         self._last_spool_warning = -_WARN_EVERY
         self._spool_refused = 0  # dropped by a full spool since the last warning about it
         self._low_water = 0

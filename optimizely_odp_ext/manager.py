@@ -5,6 +5,7 @@
 - :mod:`._caller_queue` — the caller's side: ``enqueue()``, the overflow policy, waking the worker;
 - :mod:`._caller_counts` — a component: what the caller's side counts (refused calls, a full queue's drops);
 - :mod:`._scheduler` — the worker thread: replies, retries, the outage probe, dispatching batches;
+- :mod:`._retries` — a component: the batches waiting for another attempt, and the outage state;
 - :mod:`._batcher` — from the queue to batches: target, encoding, the spool hand-off;
 - :mod:`._bisect` — a batch refused with a 400: bisecting, or sampling a systemic refusal;
 - :mod:`._senders` — a component: the sender threads doing HTTP through the :class:`~.transport.Transport`;
@@ -272,7 +273,7 @@ class EventManager(CallerQueue, Scheduler):
             why = "this process forks uWSGI workers: its events wait for one of them to deliver"
         elif self._worker is None or not self._worker.is_alive():
             why = "the ODP worker thread is not running (threads cannot start: is the interpreter exiting?)"
-        elif self._failing_since is not None:
+        elif self._retry.failing_since is not None:
             why = "ODP delivery is failing; the events are held and retried within retry_window"
         else:
             why = "events are still queued or in flight"
@@ -406,7 +407,7 @@ class EventManager(CallerQueue, Scheduler):
             self._finish_batch(batch)
         self._ready.clear()
         self._priority.clear()
-        self._retry_heap = []
+        self._retry.let_go()
         if self._spool is not None:
             # Written to the spool and not acknowledged: the next process with this spool_dir sends them.
             left = in_flight + waiting
