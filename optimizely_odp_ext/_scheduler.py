@@ -19,10 +19,11 @@ import time
 from typing import Optional
 
 from . import _compat
+from ._barrier import notify_all
 from ._batch import _Batch, _describe, _first_attempt, _rejection
 from ._batcher import Batcher
 from ._bisect import Bisector
-from ._state import _IDLE_WAKE, SPOOL_INTERVAL, notify_all
+from ._state import _IDLE_WAKE, SPOOL_INTERVAL
 from ._stats import UNDETERMINED
 from .retry import Verdict, classify
 from .transport import Reply, mask_key
@@ -115,9 +116,7 @@ class Scheduler(Batcher, Bisector):
             low = min(low, self._ready[0][0].seq)
         for batch in self._live.values():
             low = min(low, batch.min_seq)
-        self._low_water = low
-        if self._flush_waiters:
-            notify_all(self._flush_cond)
+        self._barrier.raise_to(low)
 
     def _next_wake(self, now: float) -> float:
         wake = _IDLE_WAKE
@@ -241,7 +240,7 @@ class Scheduler(Batcher, Bisector):
                 self._submit(due, now)
             if len(retry):
                 return
-        hurry = self._closing or self._flush_waiters > 0 or self.options.flush_interval <= 0
+        hurry = self._closing or self._barrier.waiters > 0 or self.options.flush_interval <= 0
         while senders.in_flight() < limit:
             waiting = len(self._queue) + len(self._ready)
             if waiting == 0 and self._recovery is None:

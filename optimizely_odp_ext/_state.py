@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from . import _uwsgi
+from ._barrier import FlushBarrier
 from ._batch import Target, _Batch, _Item
 from ._caller_counts import _WARN_EVERY, CallerCounts
 from ._retries import Retries
@@ -34,39 +35,20 @@ STALL_SECONDS = 15.0
 
 OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
 
-# How long a notifier waits for a condition's lock. Waiters hold it only between a check and their
-# wait(), microseconds, except a caller our SIGTERM handler interrupted right there (it closes on that
-# very thread): then the notifier goes on, and the waiter sees the change at its next check (each
-# waits _IDLE_WAKE at most). The worker never blocks on a caller this way, the ledger in hand.
-_NOTIFY_PATIENCE = 0.05
-
-
-def notify_all(condition: threading.Condition) -> None:
-    """``condition.notify_all()``, waiting at most _NOTIFY_PATIENCE for its lock."""
-    if condition.acquire(timeout=_NOTIFY_PATIENCE):
-        try:
-            condition.notify_all()
-        finally:
-            condition.release()
-
-
 class ManagerState:
     """Attributes of one manager. Set once in ``EventManager.__init__``, then per process below."""
 
     # Slots: a caller's send reads about a dozen of these attributes after an idle pause, with cold
-    # caches; a slot is one fixed offset, where a 60-key instance dict costs a hashed lookup each
+    # caches; a slot is one fixed offset, where a 50-key instance dict costs a hashed lookup each
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
-    __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen", "_closed",
-                 "_closing", "_counts", "_defaults", "_finished", "_flush_cond", "_flush_waiters",
-                 "_forks_in_c", "_held_for_fork", "_idle", "_initial_target",
-                 "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
-                 "_live_events", "_low_water", "_on_outcome",
-                 "_partial_since", "_pid", "_policy", "_popped", "_priority",
-                 "_queue", "_ready", "_recovered_count", "_recovery", "_refusal",
-                 "_refusing_alike", "_retry", "_room", "_room_waiters", "_seen_empty", "_senders",
-                 "_spool", "_spool_refused", "_start_lock", "_state", "_summary", "_tally", "_target",
-                 "_transport_factory", "_wake", "_worker", "logger", "options")
+    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_close_deadline", "_close_seen",
+                 "_closed", "_closing", "_counts", "_defaults", "_finished", "_forks_in_c", "_held_for_fork", "_idle",
+                 "_initial_target", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
+                 "_live_events", "_on_outcome", "_partial_since", "_pid", "_policy", "_popped", "_priority", "_queue",
+                 "_ready", "_recovered_count", "_recovery", "_refusal", "_refusing_alike", "_retry", "_room",
+                 "_room_waiters", "_seen_empty", "_senders", "_spool", "_spool_refused", "_start_lock", "_state",
+                 "_summary", "_tally", "_target", "_transport_factory", "_wake", "_worker", "logger", "options")
 
     options: Options
     logger: Any
@@ -96,7 +78,7 @@ class ManagerState:
         self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)
         self._wake = Wake()  # never blocks its setter: see Wake
         self._start_lock = threading.Lock()
-        self._flush_cond = threading.Condition(threading.RLock())
+        self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
         self._worker: Optional[threading.Thread] = None
         # The sender threads, the transport and the batches in flight: a component (see _senders).
         self._senders = Senders(self.options, self._transport_factory, self._wake)
@@ -111,7 +93,6 @@ class ManagerState:
         self._seen_empty = True
         self._close_seen = False
         self._close_deadline = 0.0
-        self._flush_waiters = 0
         # overflow="block": callers waiting for room; the worker notifies only when there are some.
         # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
         self._room = threading.Condition(threading.RLock())
@@ -142,7 +123,6 @@ class ManagerState:
         self._partial_since: Optional[float] = None
         self._last_spool_warning = -_WARN_EVERY
         self._spool_refused = 0  # dropped by a full spool since the last warning about it
-        self._low_water = 0
 
     if TYPE_CHECKING:
         # The lifecycle of one manager, provided by EventManager (manager.py): the pieces call these

@@ -10,6 +10,7 @@
 - :mod:`._bisect` — a batch refused with a 400: bisecting, or sampling a systemic refusal;
 - :mod:`._senders` — a component: the sender threads doing HTTP through the :class:`~.transport.Transport`;
 - :mod:`._outcomes` — the ledger's bookkeeping: the batches held, each outcome, ``stats()``;
+- :mod:`._barrier` — a component: where ``flush()`` waits (the low-water mark);
 - :mod:`._tally` — a component: the outcome counters, and ``on_outcome`` and log lines said outside the ledger;
 - :mod:`._state` — the state they share, by owning thread, and the ledger lock.
 
@@ -27,10 +28,11 @@ import time
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 from . import _compat, _lifecycle, _uwsgi
+from ._barrier import notify_all
 from ._batch import Target
 from ._caller_queue import CallerQueue
 from ._scheduler import Scheduler
-from ._state import _IDLE_WAKE, SPOOL_INTERVAL, notify_all
+from ._state import _IDLE_WAKE, SPOOL_INTERVAL
 from ._stats import (
     DROP_REASONS,
     INTEGRATED,
@@ -135,7 +137,7 @@ class EventManager(CallerQueue, Scheduler):
         self._spool = spool
         if spool.has_backlog():
             self._recovery = spool.recover()
-            self._low_water = -1
+            self._barrier.low_water = -1
 
     def update_config(self, host: Optional[str], key: Optional[str], determined: bool) -> None:
         """Applies the ODP host and key of a (new) datafile. Events already queued keep theirs.
@@ -231,25 +233,22 @@ class EventManager(CallerQueue, Scheduler):
         bound = (options.retry_window + options.connect_timeout + options.request_timeout
                  if timeout is None else max(timeout, 0.0))
         deadline = start + bound
-        with self._flush_cond:
-            self._flush_waiters += 1
-            self._wake.set()
-            try:
-                while self._low_water < barrier:
-                    now = time.monotonic()
-                    wait = min(deadline - now, _IDLE_WAKE)
-                    if timeout is None and self._state is UNDETERMINED:
-                        wait = min(wait, start + options.close_timeout - now)
-                    if wait <= 0:
-                        self._flush_gave_up(now - start, timeout is None, None)
-                        return False
-                    self._flush_cond.wait(wait)
-                    if self._worker is None or not self._worker.is_alive() or self._finished:
-                        break
-            finally:
-                self._flush_waiters -= 1
-        if self._low_water >= barrier:
+        def remaining() -> float:
+            now = time.monotonic()
+            wait = min(deadline - now, _IDLE_WAKE)
+            if timeout is None and self._state is UNDETERMINED:
+                wait = min(wait, start + options.close_timeout - now)
+            return wait
+
+        def gone() -> bool:
+            return self._worker is None or not self._worker.is_alive() or self._finished
+
+        reached = self._barrier.wait(barrier, remaining, gone, self._wake.set)
+        if reached:
             return True
+        if reached is False:
+            self._flush_gave_up(time.monotonic() - start, timeout is None, None)
+            return False
         return self._flush_now(start, timeout is None, None)
 
     def _flush_now(self, start: float, unbounded: bool, why: Optional[str]) -> bool:
@@ -428,7 +427,7 @@ class EventManager(CallerQueue, Scheduler):
             except Exception:
                 _log.debug("spool close failed", exc_info=True)
         self._senders.stop()
-        notify_all(self._flush_cond)
+        self._barrier.wake_all()
         notify_all(self._room)
         if self._summary is None:
             self._say_summary()
@@ -490,7 +489,7 @@ class EventManager(CallerQueue, Scheduler):
             # This process carries on for the master: its queue, and its spool's backlog (the master
             # never touches either again).
             if self._recovery is not None:
-                self._low_water = -1
+                self._barrier.low_water = -1
             if self._queue or self._recovery is not None:
                 self._start()
             return
