@@ -19,18 +19,25 @@ class Target(NamedTuple):
 
 
 class _Family:
-    """The parts of one batch refused with a 400 (split, sampled, held): what they showed so far."""
+    """The parts of one batch refused with a 400 (split, sampled, held): what they showed so far.
 
-    __slots__ = ("delivered", "failures", "held", "samples_refused", "sampling", "size", "systemic")
+    Parts are held only while a verdict can still come: ``outstanding`` counts the parts sent or
+    waiting to be sent (not held); when it reaches 0, or a part is delivered, the held parts go on.
+    """
 
-    def __init__(self, size: int) -> None:
+    __slots__ = ("base_depth", "failures", "held", "outstanding", "samples_refused", "sampling", "settled", "size",
+                 "systemic")
+
+    def __init__(self, size: int, base_depth: int) -> None:
         self.size = size
+        self.base_depth = base_depth  # the refused batch's own depth (a part of a 413 split may start one)
         self.failures: Dict[int, int] = {}  # depth -> parts refused with a 400 at that depth
-        self.delivered = False
+        self.settled = False  # a part was delivered, or no verdict can come: nothing is held any more
         self.sampling = False
         self.samples_refused = 0
         self.systemic = False
-        self.held: List[_Batch] = []  # parts waiting for the samples' verdict
+        self.outstanding = 0  # parts that may still bring a verdict: sent, retrying or queued, not held
+        self.held: List[_Batch] = []  # parts waiting for the verdict
 
 
 class _Batch:

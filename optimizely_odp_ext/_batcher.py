@@ -10,8 +10,8 @@ from typing import List, Optional, Tuple
 
 from . import _compat
 from ._batch import Target, _Batch
+from ._caller_counts import _WARN_EVERY
 from ._outcomes import Outcomes
-from ._state import _WARN_EVERY
 from ._stats import UNDETERMINED
 from .event import Encoded, Pending, batch_size_bytes, encode
 from .transport import events_url
@@ -39,7 +39,8 @@ class Batcher(Outcomes):
                 break
             except Exception:
                 _log.exception("reading the spool failed")
-                self.logger.error("ODP spool: reading events left by an earlier process failed; skipping the rest.")
+                self._tally.later(self.logger.error,
+                            "ODP spool: reading events left by an earlier process failed; skipping the rest.")
                 self._recovery = None
                 break
             encoded.seq = -1  # before everything of this process: flush() waits for these too
@@ -70,14 +71,10 @@ class Batcher(Outcomes):
             except Exception as exc:
                 # Whatever a pathological value raises (TypeError, RecursionError, MemoryError from a
                 # str subclass's __str__, ...), this event reaches an outcome and the others go on.
-                self._dropped["unencodable"] += 1
-                line = _compat.ODP_EVENT_FAILED.format(
-                    f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped")
-                self.logger.error(line)
-                if self._on_outcome is not None:
-                    self._report("unencodable", [pending], line)
+                self._tally.drop([pending], "unencodable", _compat.ODP_EVENT_FAILED.format(
+                    f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped"))
                 continue
-            encoded.seq = self._popped + self._overflow_popped - 1
+            encoded.seq = self._popped + self._counts.popped - 1
             if batch_size_bytes(1, len(encoded)) > max_bytes:
                 self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
                     f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "
@@ -99,8 +96,8 @@ class Batcher(Outcomes):
             kept = spool.append([(target.host, target.key, encoded) for target, encoded in group])
         except Exception as exc:
             _log.exception("spool append failed")
-            self.logger.error(f"ODP spool: writing failed ({exc.__class__.__name__}: {exc}); "
-                              "continuing with memory-only delivery.")
+            self._tally.later(self.logger.error, f"ODP spool: writing failed ({exc.__class__.__name__}: {exc}); "
+                                                 "continuing with memory-only delivery.")
             self._spool = None
             return
         refused = len(group) - kept
@@ -114,8 +111,9 @@ class Batcher(Outcomes):
             if now - self._last_spool_warning >= _WARN_EVERY:  # like the queue's: at most one per _WARN_EVERY
                 self._last_spool_warning = now
                 refused, self._spool_refused = self._spool_refused, 0
-                self.logger.warning(f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
-                                    f"dropped {refused} new event(s) since the last warning.")
+                self._tally.later(self.logger.warning,
+                                  f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
+                                  f"dropped {refused} new event(s) since the last warning.")
 
     def _take_batch(self) -> Optional[_Batch]:
         """The next batch from the ready list: one target, up to batch_size and max_batch_bytes."""
@@ -141,10 +139,9 @@ class Batcher(Outcomes):
 
     def _drop_unintegrated(self, pending: Pending) -> None:
         # Counted one by one, logged once per run of them (when the run ends).
-        self._dropped["not_integrated"] += 1
-        if self._on_outcome is not None:
-            self._report("not_integrated", [pending], _compat.ODP_NOT_INTEGRATED)
+        tally = self._tally
+        tally.drop([pending], "not_integrated", None, _compat.ODP_NOT_INTEGRATED)
         if not self._queue or self._queue[0][1] is not None:
-            self.logger.error(
+            self._tally.later(self.logger.error,
                 f"{_compat.ODP_NOT_INTEGRATED} Discarded event(s) sent before the datafile was loaded "
-                f"({self._dropped['not_integrated']} so far).")
+                f"({tally.dropped['not_integrated']} so far).")

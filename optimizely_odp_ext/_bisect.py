@@ -26,13 +26,29 @@ class Bisector(Outcomes):
 
     __slots__ = ()
 
+    def _part_ended(self, batch: _Batch) -> Optional[_Family]:
+        """A part of a refused batch got its answer (or gave up): it brings no verdict any more."""
+        family = batch.family
+        if family is not None:
+            family.outstanding -= 1
+        return family
+
+    def _settle(self, family: _Family) -> None:
+        """Held parts go on once a part was delivered, or once no part that could bring a verdict is
+        left (a part expired, was too large, refused with 401/403, re-keyed): never held for nothing."""
+        if family.held and not family.systemic and (family.settled or family.outstanding <= 0):
+            family.settled = True
+            self._release_held(family)
+
     def _split(self, batch: _Batch, family: Optional[_Family]) -> None:
         """Sends both halves of ``batch`` next, first half first."""
+        if family is not None:
+            family.outstanding += 2
         middle = len(batch.events) // 2
         first = _Batch(batch.events[:middle], batch.target, batch.first_attempt, family, batch.depth + 1)
         second = _Batch(batch.events[middle:], batch.target, batch.first_attempt, family, batch.depth + 1)
         for half in (first, second):
-            self._live[id(half)] = half
+            self._own(half)
         self._priority.appendleft(second)
         self._priority.appendleft(first)
 
@@ -41,24 +57,25 @@ class Bisector(Outcomes):
         batch.refused = True
         family = batch.family
         if family is None:
-            family = batch.family = _Family(len(batch.events))
+            family = batch.family = _Family(len(batch.events), batch.depth)
             if self._refusing_alike == reply.status and len(batch.events) > _SAMPLES:
                 self._sample(family, batch)
                 return
         if family.systemic:
             self._drop(batch.events, "rejected_systemic", None)
             return
-        if family.sampling and not family.delivered:
+        if family.sampling and not family.settled:
             self._hold(family, batch)
             if batch.sample:
                 family.samples_refused += 1
                 if family.samples_refused >= _SAMPLES:
                     self._refused_systemically(family, reply)
             return
-        if not family.delivered and batch.depth == _SUSPECT_DEPTH and family.size > _SAMPLES * 2 ** _SUSPECT_DEPTH:
+        depth = batch.depth - family.base_depth
+        if not family.settled and depth == _SUSPECT_DEPTH and family.size > _SAMPLES * 2 ** _SUSPECT_DEPTH:
             # Nothing of the batch delivered yet: hold each refused quarter until all four are known;
             # when all four are refused, sample the last one.
-            failures = family.failures[batch.depth] = family.failures.get(batch.depth, 0) + 1
+            failures = family.failures[depth] = family.failures.get(depth, 0) + 1
             if failures < 2 ** _SUSPECT_DEPTH:
                 self._hold(family, batch)
             else:
@@ -74,26 +91,28 @@ class Bisector(Outcomes):
         family.sampling = True
         events = batch.events
         picks = sorted({round(i * (len(events) - 1) / (_SAMPLES - 1)) for i in range(_SAMPLES)})
+        family.outstanding += len(picks)
         for index in reversed(picks):
             sample = _Batch([events[index]], batch.target, batch.first_attempt, family, batch.depth + 1)
             sample.sample = True
-            self._live[id(sample)] = sample
+            self._own(sample)
             self._priority.appendleft(sample)
         rest = [e for i, e in enumerate(events) if i not in picks]
         if rest:
             self._hold(family, _Batch(rest, batch.target, batch.first_attempt, family, batch.depth + 1))
 
     def _hold(self, family: _Family, batch: _Batch) -> None:
-        self._live[id(batch)] = batch  # still pending: flush() and close() wait for it
+        self._own(batch)  # still pending: flush() and close() wait for it
         family.held.append(batch)
 
     def _release_held(self, family: _Family) -> None:
-        """Part of the family was delivered: not systemic. Held parts go on: bisected or sent."""
+        """The family is settled (see :meth:`_settle`). Held parts go on: bisected or sent."""
         held, family.held = family.held, []
         for batch in held:
             self._finish_batch(batch)
             if not batch.refused:
-                self._live[id(batch)] = batch
+                family.outstanding += 1
+                self._own(batch)
                 self._priority.append(batch)
             elif len(batch.events) > 1:
                 self._split(batch, family)

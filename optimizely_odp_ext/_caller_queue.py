@@ -1,7 +1,8 @@
 """The caller-facing side of the manager: append to the queue, the overflow policy, waking the worker.
 
 Runs on the application's threads. The common path is a ``deque.append`` and a few attribute reads:
-no lock, no I/O. Only a full queue takes ``_count_lock`` (counting a drop) or, with
+no lock, no I/O. Only a full queue takes the lock of :class:`~._caller_counts.CallerCounts` (counting a
+drop) or, with
 ``overflow="block"``, waits on ``_room`` for the worker to make room.
 """
 
@@ -12,7 +13,7 @@ import time
 
 from . import _compat, _uwsgi
 from ._outcomes import Outcomes
-from ._state import _IDLE_WAKE, _WARN_EVERY, STALL_SECONDS
+from ._state import _IDLE_WAKE, STALL_SECONDS
 from ._stats import INTEGRATED, NOT_INTEGRATED, UNDETERMINED
 from .event import Pending
 
@@ -73,29 +74,7 @@ class CallerQueue(Outcomes):
         """The queue is full. Returns True when the new event may still be appended."""
         if self.options.overflow == "block" and self._wait_for_room():
             return True
-        now = time.monotonic()
-        with self._count_lock:
-            self._overflowed += 1
-            self._overflow_since_warning += 1
-            make_room = self.options.overflow == "drop_oldest"
-            dropped_event = pending
-            if make_room:
-                try:
-                    dropped_event = self._queue.popleft()[0]
-                    self._overflow_popped += 1
-                except IndexError:
-                    # Everything waiting is already with the worker (read from the spool, or
-                    # encoded): nothing older to drop here, so the new event is the one dropped.
-                    make_room = False
-            if self._on_outcome is not None:
-                self._overflow_report.append(dropped_event)
-            if now - self._last_overflow_warning >= _WARN_EVERY:
-                dropped, self._overflow_since_warning = self._overflow_since_warning, 0
-                self._last_overflow_warning = now
-                self.logger.warning(
-                    f"ODP event queue is full ({self._capacity} events); dropped {dropped} "
-                    f"{'oldest' if make_room else 'new'} event(s) since the last warning.")
-        return make_room
+        return self._counts.overflow(self._queue, pending, self.options.overflow == "drop_oldest")
 
     def _wait_for_room(self) -> bool:
         """overflow="block": waits up to ``block_timeout`` for room. Returns True when there is room."""

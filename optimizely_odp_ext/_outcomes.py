@@ -1,17 +1,17 @@
-"""The counters, in one place: every outcome of an event (delivered, each drop reason, a refused call)
-is counted here, acknowledged to the spool and reported to ``on_outcome``.
+"""The ledger's bookkeeping: which batches we hold (``_own``/``_finish_batch``), each outcome handed to
+the tally (:mod:`._tally`) and acknowledged to the spool, and :meth:`Outcomes.stats`.
 
-The worker thread counts delivered and dropped events without a lock (it is their only writer); the
-caller's side counts refused calls and queue overflows under ``_count_lock`` (rare paths only).
+Delivered and dropped events are counted under the ledger (``ManagerState._ledger``) by the one party
+that removes them from their owner; the caller's side counts refused calls and queue overflows under
+their own lock (:mod:`._caller_counts`, rare paths only). ``pending`` is what the owners hold, counted from them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import List, Optional
 
 from ._batch import _Batch
 from ._state import ManagerState
@@ -22,7 +22,7 @@ _log = logging.getLogger(__name__)
 
 
 class Outcomes(ManagerState):
-    """Counting, acknowledging and reporting outcomes; :meth:`stats` reads them."""
+    """Holding batches, ending them in an outcome (counted by the tally), and :meth:`stats`."""
 
     __slots__ = ()
 
@@ -32,34 +32,22 @@ class Outcomes(ManagerState):
 
     def count_refused(self, reason: str) -> None:
         """Counts one call refused before queueing, by reason (one of :data:`REFUSE_REASONS`)."""
-        with self._count_lock:
-            self._refused[reason] += 1
+        self._counts.refuse(reason)
+
+    def _own(self, batch: _Batch) -> None:
+        """A new batch of events we hold (sent, retried, queued next or held): pending until it ends."""
+        self._live[id(batch)] = batch
+        self._live_events += len(batch.events)
 
     def _finish_batch(self, batch: _Batch) -> None:
         """The batch reached an outcome (or was replaced by its parts): it is no longer pending."""
-        self._live.pop(id(batch), None)
+        if self._live.pop(id(batch), None) is not None:
+            self._live_events -= len(batch.events)
 
     def _drop(self, events: List[Encoded], reason: str, line: Optional[str]) -> None:
-        self._dropped[reason] += len(events)
+        """Events that were encoded (and spooled) end dropped: the spool lets them go, the tally counts."""
         self._ack(events)
-        if line:
-            self.logger.error(line)
-        if self._on_outcome is not None:
-            self._report(reason, events, line or reason)
-
-    def _report(self, outcome: str, events: Sequence[Union[Encoded, Pending]], detail: str) -> None:
-        """Calls ``on_outcome(outcome, events, detail)``; an exception in it is logged once and contained."""
-        callback = self._on_outcome
-        if callback is None or not events:
-            return
-        try:
-            callback(outcome, [_as_dict(e) for e in events], detail)
-        except Exception as exc:
-            self._outcome_failures += 1
-            if self._outcome_failures == 1:
-                _log.debug("on_outcome raised", exc_info=True)
-                self.logger.error(f"ODP on_outcome callback raised {exc.__class__.__name__}: {str(exc)[:200]} "
-                                  "(logged once; delivery goes on).")
+        self._tally.drop(events, reason, line)
 
     def _ack(self, events: List[Encoded]) -> None:
         """An outcome was reached: the spool need not keep these any longer."""
@@ -70,32 +58,23 @@ class Outcomes(ManagerState):
                 _log.exception("spool ack failed")
 
     def _report_overflow(self) -> None:
-        dropped: List[Pending] = []
+        self._tally.report("queue_full", self._counts.take_report(),
+                           f"ODP event queue is full ({self._capacity} events)")
+
+    def _drain_queue(self) -> int:
+        """Under the ledger, once closed: what is left in the caller's queue ends as ``shutdown``."""
+        drained: List[Pending] = []
         with contextlib.suppress(IndexError):
             while True:
-                dropped.append(self._overflow_report.popleft())
-        self._report("queue_full", dropped, f"ODP event queue is full ({self._capacity} events)")
+                drained.append(self._queue.popleft()[0])
+        if drained:
+            self._popped += len(drained)
+            self._tally.drop(drained, "shutdown", None, "not sent by the close deadline")
+        return len(drained)
 
-    def _report_left_at_close(self) -> None:
-        """on_outcome at close: what was in flight (unconfirmed) and what was never sent (shutdown)."""
-        if self._overflow_report:
-            self._report_overflow()
-        in_flight = [e for batch in list(self._in_flight_batches.values()) for e in batch.events]
-        flying = {id(e) for e in in_flight}
-        left: List[Union[Encoded, Pending]] = [e for batch in list(self._live.values()) for e in batch.events
-                                               if id(e) not in flying]
-        left += [e for e, _ in list(self._ready)]
-        self._report("unconfirmed", in_flight, "in flight at the close deadline: ODP may have them")
-        self._report("shutdown", left, "not sent by the close deadline")
-
-    def _pending_count(self) -> int:
-        return (self._accepted() - self._delivered - sum(self._dropped.values()) - self._overflowed
-                - self._left_in_spool)
-
-    def _accepted(self) -> int:
-        # drop_oldest: an event popped by the caller to make room is in _overflowed, and the new
-        # one took its place in the queue, so each accepted event is counted exactly once.
-        return self._popped + len(self._queue) + self._overflowed + self._recovered_count
+    def _pending(self, queued: int) -> int:
+        """Events held by an owner: the caller's queue (``queued`` of them), ``_ready``, the batches in ``_live``."""
+        return queued + len(self._ready) + self._live_events
 
     def stats(self) -> OdpEventStats:
         """Delivery counts so far, in this process (every key: :class:`OdpEventStats`)."""
@@ -103,35 +82,26 @@ class Outcomes(ManagerState):
             # A child forked without Python's fork hooks (uWSGI forks in C) starts with its own zero
             # counts, not its parent's.
             self._after_fork()
-        dropped = dict(self._dropped)
-        dropped["queue_full"] += self._overflowed
-        accepted = self._accepted()
-        return {
-            "accepted": accepted,
-            "delivered": self._delivered,
-            "dropped": dropped,
-            "pending": max(accepted - self._delivered - sum(dropped.values()) - self._left_in_spool, 0),
-            "recovered": self._recovered_count,
-            "left_in_spool": self._left_in_spool,
-            "refused": dict(self._refused),
-            "requests": self._requests,
-            "retries": self._retries,
-            "queued": len(self._queue),
-            "state": self._state,
-        }
-
-
-def _as_dict(event: Union[Encoded, Pending]) -> Dict[str, Any]:
-    """One event as on_outcome gets it: type, action, identifiers, data (with idempotence_id)."""
-    if isinstance(event, Encoded):
-        body: Dict[str, Any] = json.loads(event.body)
-        body["idempotence_id"] = event.idempotence_id
-        return body
-    type_, action, identifiers, data = event
-    idempotence_id = data.get("idempotence_id") if data else None
-    return {"type": type_, "action": action, "identifiers": dict(identifiers), "data": dict(data or {}),
-            "idempotence_id": idempotence_id}
-
-
-def _reasons(dropped: Dict[str, int]) -> str:
-    return ", ".join(f"{count} {reason}" for reason, count in dropped.items() if count)
+        with self._ledger:
+            queued = len(self._queue)  # read once: callers append meanwhile, without the ledger
+            counts = self._counts
+            overflowed = counts.overflowed  # likewise: counted in accepted and in dropped alike
+            tally = self._tally
+            dropped = dict(tally.dropped)
+            dropped["queue_full"] += overflowed
+            # drop_oldest: an event popped by the caller to make room is in overflowed, and the new
+            # one took its place in the queue, so each accepted event is counted exactly once.
+            accepted = self._popped + queued + overflowed + self._recovered_count
+            return {
+                "accepted": accepted,
+                "delivered": tally.delivered,
+                "dropped": dropped,
+                "pending": self._pending(queued),
+                "recovered": self._recovered_count,
+                "left_in_spool": tally.left_in_spool,
+                "refused": dict(counts.refused),
+                "requests": tally.requests,
+                "retries": tally.retries,
+                "queued": queued,
+                "state": self._state,
+            }

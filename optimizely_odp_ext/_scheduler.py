@@ -14,16 +14,16 @@ Everything here runs on the worker thread only, which owns the delivery state: n
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from typing import Optional
 
 from . import _compat
+from ._barrier import notify_all
 from ._batch import _Batch, _describe, _first_attempt, _rejection
 from ._batcher import Batcher
 from ._bisect import Bisector
-from ._state import _IDLE_WAKE, _WARN_EVERY, SPOOL_INTERVAL
+from ._state import _IDLE_WAKE, SPOOL_INTERVAL
 from ._stats import UNDETERMINED
 from .retry import Verdict, classify
 from .transport import Reply, mask_key
@@ -39,18 +39,27 @@ class Scheduler(Batcher, Bisector):
     def _run(self) -> None:
         while True:
             self._wake.clear()
-            try:
-                timeout = self._step()
-            except Exception:
-                # The worker never dies: log and go on (state stays consistent: every mutation
-                # above is completed before the next can fail).
-                _log.exception("ODP event worker: unexpected error; continuing")
-                self.logger.error("ODP event worker hit an unexpected error and carries on.")
-                timeout = 0.05
+            with self._ledger:
+                if self._finished:
+                    # A close finished without us: before we ran (see EventManager._start), or it took
+                    # over while we were out of the ledger (see EventManager.end_close).
+                    return
+                try:
+                    timeout = self._step()
+                except Exception:
+                    # The worker never dies: log and go on (state stays consistent: every mutation
+                    # above is completed before the next can fail).
+                    _log.exception("ODP event worker: unexpected error; continuing")
+                    self._tally.later(self.logger.error, "ODP event worker hit an unexpected error and carries on.")
+                    timeout = 0.05
+                outbox = self._tally.take()
+            # Callbacks and log lines run with the ledger released: a slow or re-entrant one changes
+            # timing, never counts.
+            self._tally.say_all(outbox)
             if timeout is None:
-                if self._in_background:
-                    self._finish()
-                break
+                if self._closing:
+                    self._finish()  # closing, and done or out of time: the worker is the finisher
+                return
             if timeout > 0:
                 # Callers wake an idle worker on every append (see enqueue); the flag is raised
                 # before the last look at the queue, so an append is either seen here or wakes us.
@@ -64,12 +73,11 @@ class Scheduler(Batcher, Bisector):
                 self._idle = False
 
     def _step(self) -> Optional[float]:
-        """One pass. Returns how long to sleep, or None to stop (closing and done, or deadline)."""
-        if self._finished:
-            return None  # a worker started while a close finished (see EventManager._start): nothing is its
+        """One pass, under the ledger. Returns how long to sleep, or None to stop (closing and done,
+        or out of time)."""
         now = time.monotonic()
         self._last_pass = now
-        if self._overflow_report:
+        if self._counts.to_report:
             self._report_overflow()
         self._take_results(now)
         self._expire(now)
@@ -79,8 +87,7 @@ class Scheduler(Batcher, Bisector):
         if self._closing and not self._close_seen:
             self._close_seen = True
             # Shutdown cuts every retry wait short; the close deadline bounds the whole.
-            self._retry_heap = [(min(due, now), seq, batch) for due, seq, batch in self._retry_heap]
-            heapq.heapify(self._retry_heap)
+            self._retry.due_by(now, every=False)
         if self._closing and (now >= self._close_deadline or self._nothing_left()):
             if self._spool is not None and self._queue:
                 self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
@@ -92,12 +99,11 @@ class Scheduler(Batcher, Bisector):
         # manager closes; never on every pass, or a caller and a worker that cannot drain (no
         # datafile yet, every sender busy) would wake each other in a loop until block_timeout.
         if self._room_waiters and (self._closing or len(self._queue) + len(self._ready) < self._capacity):
-            with self._room:
-                self._room.notify_all()
+            notify_all(self._room)
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:
-        if self._live or self._ready or self._in_flight or self._recovery is not None:
+        if self._live or self._ready or self._senders.in_flight() or self._recovery is not None:
             return False
         if not self._queue:
             return True
@@ -105,20 +111,18 @@ class Scheduler(Batcher, Bisector):
         return self._state is UNDETERMINED and self._queue[0][1] is None
 
     def _update_low_water(self) -> None:
-        low = -1 if self._recovery is not None else self._popped + self._overflow_popped
+        low = -1 if self._recovery is not None else self._popped + self._counts.popped
         if self._ready:
             low = min(low, self._ready[0][0].seq)
         for batch in self._live.values():
             low = min(low, batch.min_seq)
-        self._low_water = low
-        if self._flush_waiters:
-            with self._flush_cond:
-                self._flush_cond.notify_all()
+        self._barrier.raise_to(low)
 
     def _next_wake(self, now: float) -> float:
         wake = _IDLE_WAKE
-        if self._retry_heap and not self._probe_in_flight:
-            wake = min(wake, self._retry_heap[0][0] - now)
+        due = self._retry.next_due()
+        if due is not None:
+            wake = min(wake, due - now)
         if self._partial_since is not None:
             wake = min(wake, self._partial_since + self.options.flush_interval - now)
         if self._closing:
@@ -128,42 +132,39 @@ class Scheduler(Batcher, Bisector):
         return max(wake, 0.001)
 
     def _take_results(self, now: float) -> None:
-        results = self._results
-        while results:
-            batch, reply = results.popleft()
-            self._in_flight_batches.pop(id(batch), None)
-            self._in_flight -= 1
-            self._in_flight_events -= len(batch.events)
+        senders = self._senders
+        while True:
+            taken = senders.take()
+            if taken is None:
+                return
+            batch, reply = taken
             was_probe, batch.probe = batch.probe, False
             if was_probe:
-                self._probe_in_flight = False
+                self._retry.probe_in_flight = False
             verdict = classify(reply.status, len(batch.events))
-            if verdict is Verdict.DELIVERED:
-                self._finish_batch(batch)
-                self._delivered += len(batch.events)
-                self._ack(batch.events)
-                if self._on_outcome is not None:
-                    self._report("delivered", batch.events, f"HTTP {reply.status}")
-                self._refusing_alike = None
-                if batch.family is not None and not batch.family.delivered:
-                    batch.family.delivered = True
-                    self._release_held(batch.family)
-                if self._failing_since is not None:
-                    self._recovered(now)
-            elif verdict is Verdict.RETRY:
+            if verdict is Verdict.RETRY:
                 self._schedule_retry(batch, reply, now)
+                continue
+            # Any other answer ends this part: its group (if it is part of a refused batch) learns it.
+            family = self._part_ended(batch)
+            self._finish_batch(batch)
+            if verdict is Verdict.DELIVERED:
+                self._ack(batch.events)
+                self._tally.deliver(batch.events, f"HTTP {reply.status}")
+                self._refusing_alike = None
+                if family is not None:
+                    family.settled = True  # not systemic: its held parts go on (see _settle)
+                if self._retry.failing_since is not None:
+                    self._recovered(now)
             elif reply.status == 400:
-                self._finish_batch(batch)
                 self._on_refused(batch, reply)
             elif verdict is Verdict.SPLIT:
-                self._finish_batch(batch)
-                self._split(batch, batch.family)
-            else:
-                self._finish_batch(batch)
-                if reply.status in (401, 403) and self._rekey(batch, reply):
-                    continue
+                self._split(batch, family)
+            elif not (reply.status in (401, 403) and self._rekey(batch, reply)):
                 reason = "too_large" if reply.status == 413 else "rejected"
                 self._drop(batch.events, reason, _rejection(reply, batch))
+            if family is not None:
+                self._settle(family)
 
     def _rekey(self, batch: _Batch, reply: Reply) -> bool:
         """A 401/403 for events queued under a key the datafile has since replaced: once, the current key."""
@@ -172,11 +173,12 @@ class Scheduler(Batcher, Bisector):
             return False
         moved = _Batch(batch.events, target, batch.first_attempt)
         moved.rekeyed = True
-        self._live[id(moved)] = moved
+        self._own(moved)
         self._priority.append(moved)
-        self.logger.info(f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
-                         f"sending {len(batch.events)} event(s) queued under it with the current key "
-                         f"{mask_key(target.key)}.")
+        self._tally.later(self.logger.info,
+                    f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
+                    f"sending {len(batch.events)} event(s) queued under it with the current key "
+                    f"{mask_key(target.key)}.")
         return True
 
     def _schedule_retry(self, batch: _Batch, reply: Reply, now: float) -> None:
@@ -190,67 +192,56 @@ class Scheduler(Batcher, Bisector):
         if self._closing:
             # Shutdown cuts retry waits short; the close deadline still bounds the whole.
             delay = min(delay, 1.0)
-        self._retries += 1
-        heapq.heappush(self._retry_heap, (now + delay, next(self._retry_seq), batch))
-        if self._failing_since is None:
-            self._failing_since = now
-        if now - self._last_failure_warning >= _WARN_EVERY:
-            self._last_failure_warning = now
-            self.logger.warning(
+        self._tally.retries += 1
+        if self._retry.push(batch, now + delay, now):
+            self._tally.later(self.logger.warning,
                 f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
                 f"(next attempt in {delay:.1f} s).")
 
     def _give_up(self, batch: _Batch, why: str) -> None:
+        family = self._part_ended(batch)
         self._finish_batch(batch)
         self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
             f"gave up on {len(batch.events)} event(s){why}"))
+        if family is not None:
+            self._settle(family)
 
     def _recovered(self, now: float) -> None:
-        assert self._failing_since is not None
-        self.logger.info(f"ODP event delivery recovered after {now - self._failing_since:.1f} s.")
-        self._failing_since = None
-        # ODP answers again: every waiting retry may go now, oldest first.
-        self._retry_heap = [(now, seq, batch) for _, seq, batch in self._retry_heap]
-        heapq.heapify(self._retry_heap)
+        outage = self._retry.recovered(now)
+        self._tally.later(self.logger.info, f"ODP event delivery recovered after {outage:.1f} s.")
 
     def _expire(self, now: float) -> None:
-        heap = self._retry_heap
-        if not heap:
-            return
-        kept = []
-        for entry in heap:
-            if self._policy.expired(_first_attempt(entry[2]), now):
-                self._give_up(entry[2], f": retry window of {self._policy.window:g} s expired")
-            else:
-                kept.append(entry)
-        if len(kept) != len(heap):
-            heapq.heapify(kept)
-            self._retry_heap = kept
+        policy = self._policy
+        for batch in self._retry.take_expired(lambda waiting: policy.expired(_first_attempt(waiting), now)):
+            self._give_up(batch, f": retry window of {policy.window:g} s expired")
 
     def _dispatch(self, now: float) -> None:
         self._seen_empty = False
         limit = self.options.max_in_flight
-        while self._priority and self._in_flight < limit:
+        senders = self._senders
+        while self._priority and senders.in_flight() < limit:
             self._submit(self._priority.popleft(), now)
-        if self._retry_heap or self._probe_in_flight:
-            if self._failing_since is not None or self._probe_in_flight:
+        retry = self._retry
+        if len(retry) or retry.probe_in_flight:
+            if retry.failing_since is not None or retry.probe_in_flight:
                 # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
-                if not self._probe_in_flight and self._in_flight < limit:
-                    due, _, batch = self._retry_heap[0]
-                    if due <= now:
-                        heapq.heappop(self._retry_heap)
-                        batch.probe = True
-                        self._probe_in_flight = True
-                        self._submit(batch, now)
+                if not retry.probe_in_flight and senders.in_flight() < limit:
+                    probe = retry.pop_due(now)
+                    if probe is not None:
+                        probe.probe = True
+                        retry.probe_in_flight = True
+                        self._submit(probe, now)
                 return
             # ODP answers again: the batches that waited go first, as many at once as allowed.
-            heap = self._retry_heap
-            while heap and self._in_flight < limit and heap[0][0] <= now:
-                self._submit(heapq.heappop(heap)[2], now)
-            if heap:
+            while senders.in_flight() < limit:
+                due = retry.pop_due(now)
+                if due is None:
+                    break
+                self._submit(due, now)
+            if len(retry):
                 return
-        hurry = self._closing or self._flush_waiters > 0 or self.options.flush_interval <= 0
-        while self._in_flight < limit:
+        hurry = self._closing or self._barrier.waiters > 0 or self.options.flush_interval <= 0
+        while senders.in_flight() < limit:
             waiting = len(self._queue) + len(self._ready)
             if waiting == 0 and self._recovery is None:
                 self._partial_since = None
@@ -268,17 +259,12 @@ class Scheduler(Batcher, Bisector):
                 # would spin every millisecond; update_config() and enqueue() wake it.
                 self._partial_since = None
                 return
-            self._live[id(new_batch)] = new_batch
+            self._own(new_batch)
             self._submit(new_batch, now)
             self._partial_since = now if self._queue or self._ready else None
 
     def _submit(self, batch: _Batch, now: float) -> None:
         if batch.first_attempt is None:
             batch.first_attempt = now
-        self._in_flight += 1
-        self._in_flight_events += len(batch.events)
-        if self._on_outcome is not None:
-            self._in_flight_batches[id(batch)] = batch
-        self._requests += 1
-        self._send_queue.append(batch)
-        self._send_ready.release()
+        self._tally.requests += 1
+        self._senders.submit(batch)

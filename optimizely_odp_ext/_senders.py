@@ -1,42 +1,112 @@
 """The sender pool: ``max_in_flight`` threads that POST batches through the :class:`Transport`.
 
-Senders touch no delivery state: they take a batch from ``_send_queue``, make one request and hand
-``(batch, reply)`` back on ``_results`` for the worker, which decides what the reply means.
+A component that owns its state: the worker hands a batch over with :meth:`Senders.submit` and takes
+``(batch, reply)`` back with :meth:`Senders.take`; it never reads the pool's insides. Senders touch
+no delivery state: they make one request per batch, and the worker decides what the reply means.
+The hand-offs between the threads are the two deques below, a semaphore and the worker's wake-up.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import threading
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
-from ._state import ManagerState
-from ._threads import start_quiet
+from ._batch import _Batch
+from ._threads import Wake, start_quiet
 from .event import join
 from .retry import NETWORK_ERROR
-from .transport import Reply
+from .settings import Options
+from .transport import Reply, Transport
+
+_log = logging.getLogger(__name__)
 
 
-class SenderPool(ManagerState):
-    """Starts, feeds and stops the sender threads."""
+class Senders:
+    """The sender threads of one manager, in one process, and the batches they hold.
 
-    __slots__ = ()
+    Args:
+        options: The manager's options (``max_in_flight``, the timeouts).
+        transport_factory: Builds the transport when the threads start.
+        wake: Set after each reply, to wake the worker.
+    """
 
-    def _start_senders(self) -> None:
-        for index in range(self.options.max_in_flight):
+    __slots__ = ("_batches", "_factory", "_flying", "_options", "_ready", "_replies", "_threads", "_timeout",
+                 "_transport", "_wake", "events")
+
+    def __init__(self, options: Options, transport_factory: Callable[[Options], Transport], wake: Wake) -> None:
+        self._options = options
+        self._factory = transport_factory
+        self._wake = wake
+        self._timeout = (options.connect_timeout, options.request_timeout)
+        self._threads: List[threading.Thread] = []
+        self._transport: Optional[Transport] = None
+        # Worker -> senders (None: stop) and back: the only hand-offs between those threads.
+        self._batches: Deque[Optional[_Batch]] = collections.deque()
+        self._ready = threading.Semaphore(0)
+        self._replies: Deque[Tuple[_Batch, Reply]] = collections.deque()
+        # Written by the worker (or the close's finisher) under the ledger only.
+        self._flying: Dict[int, _Batch] = {}  # handed over, reply not taken yet
+        self.events = 0  # events in those batches
+
+    def start(self) -> None:
+        """Builds the transport and starts the threads (the caller holds the manager's start lock).
+        Once: a second call (the worker could not start, the next event tries again) does nothing."""
+        if self._threads:
+            return
+        self._transport = self._factory(self._options)
+        for index in range(self._options.max_in_flight):
             sender = threading.Thread(target=self._send_loop, name=f"odp-ext-sender-{index}", daemon=True)
             start_quiet(sender)
-            self._senders.append(sender)
+            self._threads.append(sender)
 
-    def _stop_senders(self) -> None:
-        """Tells every sender to stop once the batches handed to it are sent (no waiting here)."""
-        for _ in self._senders:
-            self._send_queue.append(None)
-            self._send_ready.release()
+    def stop(self) -> None:
+        """Tells every sender to stop once the batches handed to it are sent (no waiting here), and
+        closes the transport (a request in flight fails and its sender ends)."""
+        for _ in self._threads:
+            self._batches.append(None)
+            self._ready.release()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception:  # closing is best effort
+                _log.debug("transport close failed", exc_info=True)
+
+    def submit(self, batch: _Batch) -> None:
+        """Hands ``batch`` to the next free sender."""
+        self._flying[id(batch)] = batch
+        self.events += len(batch.events)
+        self._batches.append(batch)
+        self._ready.release()
+
+    def take(self) -> Optional[Tuple[_Batch, Reply]]:
+        """The next ``(batch, reply)`` a sender handed back, or None."""
+        try:
+            batch, reply = self._replies.popleft()
+        except IndexError:
+            return None
+        if self._flying.pop(id(batch), None) is not None:
+            self.events -= len(batch.events)
+        return batch, reply
+
+    def in_flight(self) -> int:
+        """Batches handed over whose reply was not taken yet."""
+        return len(self._flying)
+
+    def let_go(self) -> List[_Batch]:
+        """At close: the batches still in flight, no longer ours (a reply to them is never taken)."""
+        flying = list(self._flying.values())
+        self._flying.clear()
+        self.events = 0
+        return flying
 
     def _send_loop(self) -> None:
         while True:
-            self._send_ready.acquire()
+            self._ready.acquire()
             try:
-                next_batch = self._send_queue.popleft()
+                next_batch = self._batches.popleft()
             except IndexError:
                 continue
             if next_batch is None:
@@ -50,5 +120,5 @@ class SenderPool(ManagerState):
                     reply = transport.send(batch.target.url, batch.target.key, join(batch.events), self._timeout)
                 except Exception as exc:  # a transport must not raise; if one does, it is a failed attempt
                     reply = Reply(NETWORK_ERROR, None, f"{exc.__class__.__name__}: {exc}")
-            self._results.append((batch, reply))
+            self._replies.append((batch, reply))
             self._wake.set()

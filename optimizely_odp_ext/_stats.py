@@ -29,9 +29,13 @@ REFUSE_REASONS = ("invalid_input", "closed", "odp_disabled", "odp_not_integrated
 class OdpEventStats(TypedDict):
     """What ``client.odp_event_stats()`` returns: counts since the client's first event, in this process.
 
-    ``accepted == delivered + sum(dropped.values()) + pending + left_in_spool`` holds whenever the
-    worker is between two steps; ``pending`` is 0 once ``flush_odp_events()`` returns True or
-    ``close()`` returns. Calls refused before queueing are never accepted: see ``refused``.
+    ``accepted == delivered + sum(dropped.values()) + pending + left_in_spool`` always holds: the
+    counts are read under the lock the worker moves events under, and ``pending`` is counted from
+    what holds the events (the queue, encoded events waiting for a batch, batches in flight,
+    retrying or held by a bisection), never inferred. ``pending`` is 0 once ``flush_odp_events()``
+    returns True or ``close()`` returns. Calls refused before queueing are never accepted: see
+    ``refused``. ``on_outcome`` is called once for every accepted event, with the name counted here
+    (``delivered``, a ``dropped`` reason, or ``left_in_spool``).
 
     Attributes:
         accepted: Events queued (including ``recovered`` ones, read from the spool).

@@ -13,7 +13,7 @@ import logging
 import threading
 import types
 import weakref
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from typing_extensions import Unpack
 
@@ -272,8 +272,9 @@ def _state_for(client: Any, options: Optional[Options] = None, explicit: frozens
                 return None
             options, explicit = _class_options, _class_explicit
         resolved = from_client(client, options, explicit)
-        closed = client.__dict__.get(_CLOSED_ATTR, False)
+        closed = client.__dict__.get(_CLOSED_ATTR, False) or _closed_by_sdk(client)
         if closed:
+            client.__dict__[_CLOSED_ATTR] = True
             # It will send nothing: it must neither read nor deliver a spool left by another process.
             resolved = resolved.replace(spool_dir=None)
         logger = visible(client_logger(client, resolved))
@@ -290,6 +291,17 @@ def _state_for(client: Any, options: Optional[Options] = None, explicit: frozens
             state.bridge = _sdk_bridge.attach(client, manager.enqueue, logger)
         _sdk_bridge.loosen_registry_hold(client)
         return state
+
+
+def _closed_by_sdk(client: Any) -> bool:
+    """Whether the SDK's own ``close()`` ran before we were installed: its batch event processor's
+    thread was started and has stopped (only ``stop()`` ends it). A closed client stays closed.
+
+    A client without a batch event processor (optimizely-sdk 4.x's default forwards events) shows
+    no trace of its close: it cannot be told from an open one.
+    """
+    executor = getattr(getattr(client, "event_processor", None), "executor", None)
+    return isinstance(executor, threading.Thread) and executor.ident is not None and not executor.is_alive()
 
 
 class _ConfigListener:
@@ -334,17 +346,21 @@ def _notification_center(client: Any) -> Any:
     return center if center is not None else getattr(client, "notification_center", None)
 
 
-def _drop_state(client: Any, state: _ClientState) -> None:
-    """Flushes and stops the client's manager, stops following its datafile, hands ODP back to the SDK."""
-    _detach_state(client, state)
-    try:
-        state.manager.close()
-    except Exception:
-        _log.exception("closing the ODP event manager failed")
+def _close_all(managers: List[EventManager]) -> None:
+    """Closes managers detached under ``_lock``, after releasing it: a close waits for the network
+    (up to ``close_timeout``), and no other client's install or first send may wait for that."""
+    if len(managers) == 1:
+        try:
+            managers[0].close()
+        except Exception:
+            _log.exception("closing the ODP event manager failed")
+    elif managers:
+        _lifecycle.close_managers(managers, why="uninstall")
 
 
 def _detach_state(client: Any, state: _ClientState) -> None:
-    """Everything of :func:`_drop_state` but closing the manager (closed by the caller)."""
+    """Under ``_lock``: the client lets go of its state. Its manager is closed by the caller, once
+    the lock is released (:func:`_close_all`)."""
     state.finalizer.detach()
     _sdk_bridge.restore_registry_hold(client)
     if state.bridge is not None:
@@ -412,12 +428,16 @@ def install(client: Any = None, **options: Unpack[InstallOptions]) -> bool:
     if resolved.flush_on_sigterm:
         _lifecycle.enable_sigterm_flush(resolved.logger or _logger_of(client))
     cls = _optimizely_class()
-    with _lock:
-        if client is None:
-            return _install_class(cls, resolved, explicit)
-        if not isinstance(client, cls):
-            raise ConfigurationError(f"install() needs an Optimizely client, got {type(client).__name__}.")
-        return _install_instance(client, resolved, explicit)
+    if client is not None and not isinstance(client, cls):
+        raise ConfigurationError(f"install() needs an Optimizely client, got {type(client).__name__}.")
+    detached: List[EventManager] = []
+    try:
+        with _lock:
+            if client is None:
+                return _install_class(cls, resolved, explicit)
+            return _install_instance(client, resolved, explicit, detached)
+    finally:
+        _close_all(detached)
 
 
 def _install_class(cls: type, options: Options, explicit: frozenset) -> bool:  # type: ignore[type-arg]
@@ -434,7 +454,8 @@ def _install_class(cls: type, options: Options, explicit: frozenset) -> bool:  #
     return True
 
 
-def _install_instance(client: Any, options: Options, explicit: frozenset) -> bool:  # type: ignore[type-arg]
+def _install_instance(client: Any, options: Options, explicit: frozenset,  # type: ignore[type-arg]
+                      detached: List[EventManager]) -> bool:
     state: Optional[_ClientState] = client.__dict__.get(_STATE_ATTR)
     if state is not None and state.instance_attrs:
         state.logger.warning("optimizely_odp_ext.install(client) was already called for this client; "
@@ -442,8 +463,9 @@ def _install_instance(client: Any, options: Options, explicit: frozenset) -> boo
         return False
     if state is not None:
         # A class-level state already serves this client: replace it with one of its own options.
-        _drop_state(client, state)
+        _detach_state(client, state)
         _class_states.discard(state)
+        detached.append(state.manager)
     if getattr(client, "is_valid", True) is False:
         _logger_of(client).error(_compat.INVALID_OPTIMIZELY.format("install"))
     state = _state_for(client, options, explicit)
@@ -481,16 +503,25 @@ def uninstall(client: Any = None) -> bool:
     Returns:
         True when something was uninstalled.
     """
-    with _lock:
-        if client is None:
-            return _uninstall_class()
-        return _uninstall_instance(client)
+    detached: List[EventManager] = []
+    sigterm = False
+    try:
+        with _lock:
+            if client is None:
+                done, sigterm = _uninstall_class(detached)
+                return done
+            return _uninstall_instance(client, detached)
+    finally:
+        _close_all(detached)
+        if sigterm:
+            _lifecycle.disable_sigterm_flush()
 
 
-def _uninstall_class() -> bool:
+def _uninstall_class(detached: List[EventManager]) -> Tuple[bool, bool]:
+    """Returns (uninstalled, whether the SIGTERM flush it enabled is to be disabled)."""
     global _class_options, _class_explicit
     if not _class_originals:
-        return False
+        return False, False
     sigterm = _class_options is not None and _class_options.flush_on_sigterm
     cls = _optimizely_class()
     for name, original in _class_originals.items():
@@ -505,20 +536,16 @@ def _uninstall_class() -> bool:
     _class_options, _class_explicit = None, frozenset()
     # Clients served by the class-level install: deliver what they queued (all at once, one
     # close_timeout for all of them), then let them go.
-    managers = []
     for state in list(_class_states):
         client = state.client()
         if client is not None and client.__dict__.get(_STATE_ATTR) is state:
             _detach_state(client, state)
-            managers.append(state.manager)
+            detached.append(state.manager)
     _class_states.clear()
-    _lifecycle.close_managers(managers, why="uninstall")
-    if sigterm:
-        _lifecycle.disable_sigterm_flush()
-    return True
+    return True, sigterm
 
 
-def _uninstall_instance(client: Any) -> bool:
+def _uninstall_instance(client: Any, detached: List[EventManager]) -> bool:
     state: Optional[_ClientState] = client.__dict__.get(_STATE_ATTR)
     if state is None or not state.instance_attrs:
         return False
@@ -530,7 +557,8 @@ def _uninstall_instance(client: Any) -> bool:
             del client.__dict__[name]
         else:
             client.__dict__[name] = original
-    _drop_state(client, state)
+    _detach_state(client, state)
+    detached.append(state.manager)
     return True
 
 

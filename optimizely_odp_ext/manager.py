@@ -3,12 +3,16 @@
 :class:`EventManager` is assembled from one class per job, each in its own module:
 
 - :mod:`._caller_queue` — the caller's side: ``enqueue()``, the overflow policy, waking the worker;
+- :mod:`._caller_counts` — a component: what the caller's side counts (refused calls, a full queue's drops);
 - :mod:`._scheduler` — the worker thread: replies, retries, the outage probe, dispatching batches;
+- :mod:`._retries` — a component: the batches waiting for another attempt, and the outage state;
 - :mod:`._batcher` — from the queue to batches: target, encoding, the spool hand-off;
 - :mod:`._bisect` — a batch refused with a 400: bisecting, or sampling a systemic refusal;
-- :mod:`._senders` — the sender threads doing HTTP through the :class:`~.transport.Transport`;
-- :mod:`._outcomes` — the counters every outcome goes through, and ``on_outcome``;
-- :mod:`._state` — the state they share, by owning thread.
+- :mod:`._senders` — a component: the sender threads doing HTTP through the :class:`~.transport.Transport`;
+- :mod:`._outcomes` — the ledger's bookkeeping: the batches held, each outcome, ``stats()``;
+- :mod:`._barrier` — a component: where ``flush()`` waits (the low-water mark);
+- :mod:`._tally` — a component: the outcome counters, and ``on_outcome`` and log lines said outside the ledger;
+- :mod:`._state` — the state they share, by owning thread, and the ledger lock.
 
 This module keeps what ties them together for one manager: construction, the ODP settings of the
 datafile, starting the threads, ``flush()``, ``close()`` and fork handling. What is process-wide
@@ -24,11 +28,10 @@ import time
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 from . import _compat, _lifecycle, _uwsgi
+from ._barrier import notify_all
 from ._batch import Target
 from ._caller_queue import CallerQueue
-from ._outcomes import _reasons
 from ._scheduler import Scheduler
-from ._senders import SenderPool
 from ._state import _IDLE_WAKE, SPOOL_INTERVAL
 from ._stats import (
     DROP_REASONS,
@@ -40,6 +43,7 @@ from ._stats import (
     OdpEventStats,
     no_stats,
 )
+from ._tally import reasons
 from ._threads import start_quiet
 from .event import Encoded, default_data
 from .retry import RetryPolicy
@@ -52,6 +56,10 @@ __all__ = ["DROP_REASONS", "INTEGRATED", "NOT_INTEGRATED", "REFUSED", "REFUSE_RE
 
 _log = logging.getLogger(__name__)
 
+# close(): how long past its deadline it waits for the worker to finish, then for the worker to let
+# go of the ledger before it takes over (seconds, each).
+_CLOSE_MARGIN = 0.5
+
 TransportFactory = Callable[[Options], Transport]
 
 
@@ -59,7 +67,7 @@ def _default_transport(options: Options) -> Transport:
     return RequestsTransport(pool_size=options.max_in_flight, gzip_body=options.gzip)
 
 
-class EventManager(CallerQueue, Scheduler, SenderPool):
+class EventManager(CallerQueue, Scheduler):
     """Validated events in, batches out to ``{host}/v3/events``.
 
     Args:
@@ -88,8 +96,6 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
             retry_after_cap=options.retry_after_max)
         self._defaults = default_data(sdk_version or _compat.sdk_version())
         self._on_outcome = options.on_outcome
-        self._outcome_failures = 0
-        self._timeout = (options.connect_timeout, options.request_timeout)
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
         self._state = UNDETERMINED
@@ -131,7 +137,7 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         self._spool = spool
         if spool.has_backlog():
             self._recovery = spool.recover()
-            self._low_water = -1
+            self._barrier.low_water = -1
 
     def update_config(self, host: Optional[str], key: Optional[str], determined: bool) -> None:
         """Applies the ODP host and key of a (new) datafile. Events already queued keep theirs.
@@ -177,10 +183,9 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         with self._start_lock:
             if self._worker is not None or self._finished:
                 return
-            self._transport = self._transport_factory(self.options)
             # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
             # start threads while the interpreter is exiting, which is when the exit flush runs.
-            self._start_senders()
+            self._senders.start()
             self._last_pass = time.monotonic()  # the stall check counts from the worker's start
             worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
             # Known before it runs: a close from here on (our SIGTERM handler may interrupt this very
@@ -199,10 +204,7 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         this releases the rest. The worker sees the close (begin_close) and ends by itself."""
         if not self._finished:
             return
-        self._stop_senders()
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
+        self._senders.stop()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Waits until every event queued before this call is delivered or given up.
@@ -218,39 +220,59 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         """
         if self._pid != os.getpid():
             self._after_fork()
-        if self._worker is None or not self._worker.is_alive():
-            return not self._queue
-        barrier = self._popped + self._overflow_popped + len(self._queue)
         start = time.monotonic()
+        worker = self._worker
+        if worker is not None and worker is threading.current_thread():
+            # From on_outcome (or a log handler) on the worker: it cannot wait for itself.
+            return self._flush_now(start, timeout is None, "it was called on the ODP worker thread (from "
+                                   "on_outcome?), which cannot wait for itself")
+        if worker is None or not worker.is_alive() or self._finished:
+            return self._flush_now(start, timeout is None, None)  # nothing will move without a worker
+        barrier = self._popped + self._counts.popped + len(self._queue)
         options = self.options
         bound = (options.retry_window + options.connect_timeout + options.request_timeout
                  if timeout is None else max(timeout, 0.0))
         deadline = start + bound
-        with self._flush_cond:
-            self._flush_waiters += 1
-            self._wake.set()
-            try:
-                while self._low_water < barrier:
-                    now = time.monotonic()
-                    wait = min(deadline - now, _IDLE_WAKE)
-                    if timeout is None and self._state is UNDETERMINED:
-                        wait = min(wait, start + options.close_timeout - now)
-                    if wait <= 0:
-                        self._flush_gave_up(now - start, timeout is None)
-                        return False
-                    self._flush_cond.wait(wait)
-                    if self._worker is None or not self._worker.is_alive():
-                        return self._low_water >= barrier
-                return True
-            finally:
-                self._flush_waiters -= 1
+        def remaining() -> float:
+            now = time.monotonic()
+            wait = min(deadline - now, _IDLE_WAKE)
+            if timeout is None and self._state is UNDETERMINED:
+                wait = min(wait, start + options.close_timeout - now)
+            return wait
 
-    def _flush_gave_up(self, waited: float, unbounded: bool) -> None:
-        waiting = len(self._queue) + len(self._ready) + self._in_flight_events
-        if self._state is UNDETERMINED:
+        def gone() -> bool:
+            return self._worker is None or not self._worker.is_alive() or self._finished
+
+        reached = self._barrier.wait(barrier, remaining, gone, self._wake.set)
+        if reached:
+            return True
+        if reached is False:
+            self._flush_gave_up(time.monotonic() - start, timeout is None, None)
+            return False
+        return self._flush_now(start, timeout is None, None)
+
+    def _flush_now(self, start: float, unbounded: bool, why: Optional[str]) -> bool:
+        """A flush that cannot wait: True when nothing is pending, else the give-up line and False."""
+        if self._pending(len(self._queue)) == 0:  # an estimate without the ledger: good for a decision to log
+            return True
+        self._flush_gave_up(time.monotonic() - start, unbounded, why)
+        return False
+
+    def _flush_gave_up(self, waited: float, unbounded: bool, why: Optional[str]) -> None:
+        """The one line of every flush that gives up, whatever path it took."""
+        waiting = self._pending(len(self._queue))
+        if why is not None:
+            pass
+        elif self._state is UNDETERMINED:
             why = ("no datafile has arrived yet (a wrong SDK key or an unreachable CDN?); events sent "
                    "before it are held until one does")
-        elif self._failing_since is not None:
+        elif self._finished:
+            why = "the ODP event manager is closed"
+        elif self._held_for_fork:
+            why = "this process forks uWSGI workers: its events wait for one of them to deliver"
+        elif self._worker is None or not self._worker.is_alive():
+            why = "the ODP worker thread is not running (threads cannot start: is the interpreter exiting?)"
+        elif self._retry.failing_since is not None:
             why = "ODP delivery is failing; the events are held and retried within retry_window"
         else:
             why = "events are still queued or in flight"
@@ -291,10 +313,29 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         return True
 
     def end_close(self, deadline: float) -> None:
-        """Waits for the worker (until ``deadline`` plus a margin), then releases threads and sockets."""
+        """Waits for the worker to finish the close (until ``deadline`` plus a margin).
+
+        Close has one finisher. While the worker runs, it finishes: it counts and reports what is
+        left, then releases threads and connections. Past the deadline and the margin, this thread
+        takes over only once the worker has let go of the ledger (it is then in a callback or a log
+        handler, outside every owner's state); while the worker holds it, the worker finishes later.
+        """
         worker = self._worker
-        if worker is not None and worker.is_alive() and worker is not threading.current_thread():
-            worker.join(max(deadline - time.monotonic(), 0.0) + 1.0)
+        if worker is not None and worker is threading.current_thread():
+            return  # close() from on_outcome: the worker finishes once the callback returns
+        if worker is not None and worker.is_alive():
+            with self._lifecycle:
+                if self._summary is None:
+                    self._summary = True  # said here, once the worker is done
+            worker.join(max(deadline - time.monotonic(), 0.0) + _CLOSE_MARGIN)
+            if worker.is_alive() and not self._finish(_CLOSE_MARGIN):
+                self.logger.warning("ODP event manager: the worker is still busy (a slow on_outcome or log "
+                                    "handler?); it finishes the close when it returns.")
+                with self._lifecycle:
+                    if self._summary:
+                        self._summary = None  # the worker says it, when it finishes
+            self._say_summary()
+            return
         self._finish()
 
     def close_in_background(self) -> None:
@@ -305,8 +346,6 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
         connections itself. Until then the exit hook still waits for it (``_lifecycle``).
         """
         deadline = time.monotonic() + self.options.close_timeout
-        # Flagged before the worker is told to close, so the worker that ends the close sees it.
-        self._in_background = True
         if not self.begin_close(deadline):
             return
         worker = self._worker
@@ -314,69 +353,96 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
             self._finish()
 
     def _refuse_late(self) -> bool:
-        """An event appended while close() finished: whoever pops it counts it, exactly once."""
-        if self._drain_after_finish():
+        """An event appended once the close finished: whoever pops it counts it, exactly once."""
+        with self._ledger:
+            drained = self._drain_queue()
+            outbox = self._tally.take()
+        self._tally.say_all(outbox)
+        if drained:
             self.logger.error("ODP event not sent: the ODP event manager is closed.")
         return False
 
-    def _drain_after_finish(self) -> int:
-        """Counts what is left in the queue once the worker is gone as dropped at shutdown."""
-        drained = 0
-        with self._count_lock:
-            while True:
-                try:
-                    self._queue.popleft()
-                except IndexError:
-                    break
-                drained += 1
-            self._popped += drained
-            self._dropped["shutdown"] += drained
-        return drained
+    def _finish(self, wait: float = -1) -> bool:
+        """The close's one finisher: counts and reports what every owner still holds, then releases
+        the threads, the connections and the spool. Called by the worker when its last pass is done,
+        or by a close with no worker running, or (see :meth:`end_close`) by a close taking over.
 
-    def _finish(self) -> None:
+        Args:
+            wait: Seconds to wait for the ledger at most (-1: as long as it takes).
+
+        Returns:
+            False when the ledger could not be had in time (then the worker finishes).
+        """
+        if not self._ledger.acquire(timeout=wait):
+            return False
+        try:
+            finisher = self._count_what_is_left()
+            outbox = self._tally.take()
+        finally:
+            self._ledger.release()
+        self._tally.say_all(outbox)
+        if finisher:
+            self._release()
+        return True
+
+    def _count_what_is_left(self) -> bool:
+        """Under the ledger, once: every event still held ends here, counted where it is taken.
+
+        Returns:
+            True for the one caller that finished the close.
+        """
         with self._lifecycle:
             if self._finished:
-                return  # once: end_close() and a worker closing in the background may both get here
+                return False  # once: the worker and a closing thread may both get here
             self._finished = True
+        if self._counts.to_report:
+            self._report_overflow()
+        self._take_results(time.monotonic())  # replies already here count as what they say
+        flying = {id(batch) for batch in self._senders.let_go()}
+        in_flight = [e for batch in self._live.values() if id(batch) in flying for e in batch.events]
+        waiting = [e for batch in self._live.values() if id(batch) not in flying for e in batch.events]
+        waiting += [e for e, _ in self._ready]
+        for batch in list(self._live.values()):
+            self._finish_batch(batch)
+        self._ready.clear()
+        self._priority.clear()
+        self._retry.let_go()
+        if self._spool is not None:
+            # Written to the spool and not acknowledged: the next process with this spool_dir sends them.
+            left = in_flight + waiting
+            self._tally.keep_in_spool(left, "kept in the spool: the next start with this spool_dir sends them")
+        else:
+            self._tally.drop(in_flight, "unconfirmed", None, "in flight at the close deadline: ODP may have them")
+            self._tally.drop(waiting, "shutdown", None, "not sent by the close deadline")
+        self._drain_queue()  # never written anywhere: lost with this process
+        self._update_low_water()
+        return True
+
+    def _release(self) -> None:
+        """After the close is counted: spool, senders, connections; then wakes whoever waits."""
         _lifecycle.closing(self, False)
-        if self._on_outcome is not None and self._spool is None:
-            self._report("shutdown", [item[0] for item in list(self._queue)], "not sent by the close deadline")
-            self._report_left_at_close()
-        if self._spool is None:
-            self._drain_after_finish()
-        pending = self._pending_count()
-        unconfirmed = min(self._in_flight_events, max(pending, 0))
-        if unconfirmed and self._spool is None:
-            self._dropped["unconfirmed"] += unconfirmed
-            pending -= unconfirmed
-        if pending > 0:
-            if self._spool is not None:
-                # Written to the spool: the next process with this spool_dir delivers them.
-                self._left_in_spool += pending - len(self._queue)
-                self._dropped["shutdown"] += len(self._queue)
-            else:
-                self._dropped["shutdown"] += pending
         if self._spool is not None:
             try:
                 self._spool.close()
             except Exception:
                 _log.debug("spool close failed", exc_info=True)
-        self._stop_senders()
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            try:
-                transport.close()
-            except Exception:  # closing is best effort
-                _log.debug("transport close failed", exc_info=True)
-        with self._flush_cond:
-            self._flush_cond.notify_all()
-        with self._room:
-            self._room.notify_all()
+        self._senders.stop()
+        self._barrier.wake_all()
+        notify_all(self._room)
+        if self._summary is None:
+            self._say_summary()
+
+    def _say_summary(self) -> None:
+        """The close's one summary line (see ``ManagerState._summary``)."""
+        with self._lifecycle:
+            if self._summary is False or not self._finished:
+                return
+            self._summary = False
         stats = self.stats()
         dropped = sum(stats["dropped"].values())
         line = (f"ODP event manager closed: {stats['delivered']} delivered, {dropped} dropped"
-                + (f" ({_reasons(stats['dropped'])})" if dropped else "")
-                + (f", {self._left_in_spool} left in the spool for the next start" if self._left_in_spool else "")
+                + (f" ({reasons(stats['dropped'])})" if dropped else "")
+                + (f", {stats['left_in_spool']} left in the spool for the next start" if stats["left_in_spool"] else "")
                 + ".")
         if dropped:
             self.logger.warning(line)
@@ -423,7 +489,7 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
             # This process carries on for the master: its queue, and its spool's backlog (the master
             # never touches either again).
             if self._recovery is not None:
-                self._low_water = -1
+                self._barrier.low_water = -1
             if self._queue or self._recovery is not None:
                 self._start()
             return
