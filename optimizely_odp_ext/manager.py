@@ -21,6 +21,7 @@ datafile, starting the threads, ``flush()``, ``close()`` and fork handling. What
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -48,7 +49,7 @@ from ._threads import start_quiet
 from .event import Encoded, default_data
 from .retry import RetryPolicy
 from .settings import Options
-from .spool import Spool
+from .spool import Spool, open_spool
 from .transport import RequestsTransport, Transport, check_host, events_url, mask_key
 
 __all__ = ["DROP_REASONS", "INTEGRATED", "NOT_INTEGRATED", "REFUSED", "REFUSE_REASONS", "SPOOL_INTERVAL",
@@ -119,24 +120,13 @@ class EventManager(CallerQueue, Scheduler):
         if options.api_host is not None and options.api_key is not None:
             self.update_config(options.api_host, options.api_key, True)
         _lifecycle.register(self)
-        if self._has_backlog():
+        if self._recovery is not None:
             self._start()  # events left by an earlier process go out now, not on the first send
 
-    def _has_backlog(self) -> bool:
-        return self._recovery is not None
-
     def _open_spool(self, directory: str) -> None:
-        try:
-            spool = Spool(directory, fsync=self.options.spool_fsync, max_bytes=self.options.spool_max_bytes,
-                          logger=self.logger)
-        except OSError as exc:
-            self.logger.error(f'ODP spool directory "{directory}" cannot be used ({exc.__class__.__name__}: '
-                              f"{exc.strerror or exc}).")
-            self.logger.warning("ODP events are kept in memory only: a crash can lose queued events.")
-            return
-        self._spool = spool
-        if spool.has_backlog():
-            self._recovery = spool.recover()
+        self._spool = open_spool(directory, self.options.spool_fsync, self.options.spool_max_bytes, self.logger)
+        if self._spool is not None and self._spool.has_backlog():
+            self._recovery = self._spool.recover()
             self._barrier.low_water = -1
 
     def update_config(self, host: Optional[str], key: Optional[str], determined: bool) -> None:
@@ -196,15 +186,10 @@ class EventManager(CallerQueue, Scheduler):
             except BaseException:
                 self._worker = None  # not started (the interpreter is exiting): the next event tries again
                 raise
-        self._release_after_late_start()
-
-    def _release_after_late_start(self) -> None:
-        """A close finished while _start() was under way: on another thread, or on this one (our
-        SIGTERM handler closes inline, wherever it interrupted). It released only what it saw;
-        this releases the rest. The worker sees the close (begin_close) and ends by itself."""
-        if not self._finished:
-            return
-        self._senders.stop()
+        if self._finished:
+            # A close finished while this was under way (on another thread, or on this one: our SIGTERM
+            # handler closes inline). It released what it saw; the worker sees the close and ends.
+            self._senders.stop()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Waits until every event queued before this call is delivered or given up.
@@ -226,6 +211,11 @@ class EventManager(CallerQueue, Scheduler):
             # From on_outcome (or a log handler) on the worker: it cannot wait for itself.
             return self._flush_now(start, timeout is None, "it was called on the ODP worker thread (from "
                                    "on_outcome?), which cannot wait for itself")
+        if (worker is None or not worker.is_alive()) and self._queue and not self._finished:
+            # A send is starting the worker (or its start failed): start it here, or wait for that start.
+            with contextlib.suppress(RuntimeError):  # threads cannot start: the give-up line says so
+                self._start()
+            worker = self._worker
         if worker is None or not worker.is_alive() or self._finished:
             return self._flush_now(start, timeout is None, None)  # nothing will move without a worker
         barrier = self._popped + self._counts.popped + len(self._queue)
@@ -260,23 +250,8 @@ class EventManager(CallerQueue, Scheduler):
 
     def _flush_gave_up(self, waited: float, unbounded: bool, why: Optional[str]) -> None:
         """The one line of every flush that gives up, whatever path it took."""
-        waiting = self._pending(len(self._queue))
-        if why is not None:
-            pass
-        elif self._state is UNDETERMINED:
-            why = ("no datafile has arrived yet (a wrong SDK key or an unreachable CDN?); events sent "
-                   "before it are held until one does")
-        elif self._finished:
-            why = "the ODP event manager is closed"
-        elif self._held_for_fork:
-            why = "this process forks uWSGI workers: its events wait for one of them to deliver"
-        elif self._worker is None or not self._worker.is_alive():
-            why = "the ODP worker thread is not running (threads cannot start: is the interpreter exiting?)"
-        elif self._retry.failing_since is not None:
-            why = "ODP delivery is failing; the events are held and retried within retry_window"
-        else:
-            why = "events are still queued or in flight"
-        line = f"flush_odp_events gave up after {waited:.1f} s with about {waiting} event(s) pending: {why}."
+        line = (f"flush_odp_events gave up after {waited:.1f} s with about {self._pending(len(self._queue))} "
+                f"event(s) pending: {why or _why_waiting(self)}.")
         if unbounded:
             self.logger.warning(line)
         else:
@@ -444,10 +419,7 @@ class EventManager(CallerQueue, Scheduler):
                 + (f" ({reasons(stats['dropped'])})" if dropped else "")
                 + (f", {stats['left_in_spool']} left in the spool for the next start" if stats["left_in_spool"] else "")
                 + ".")
-        if dropped:
-            self.logger.warning(line)
-        else:
-            self.logger.info(line)
+        (self.logger.warning if dropped else self.logger.info)(line)
 
     @property
     def closed(self) -> bool:
@@ -496,3 +468,19 @@ class EventManager(CallerQueue, Scheduler):
         self._reset_runtime()  # another process delivers them: zero counts here
         if self._spool is not None:
             self._spool.after_fork()
+
+
+def _why_waiting(manager: EventManager) -> str:
+    """Why events are still pending, for the line of a flush that gives up."""
+    if manager._state is UNDETERMINED:
+        return ("no datafile has arrived yet (a wrong SDK key or an unreachable CDN?); events sent "
+                "before it are held until one does")
+    if manager._finished:
+        return "the ODP event manager is closed"
+    if manager._held_for_fork:
+        return "this process forks uWSGI workers: its events wait for one of them to deliver"
+    if manager._worker is None or not manager._worker.is_alive():
+        return "the ODP worker thread is not running (threads cannot start: is the interpreter exiting?)"
+    if manager._retry.failing_since is not None:
+        return "ODP delivery is failing; the events are held and retried within retry_window"
+    return "events are still queued or in flight"

@@ -451,6 +451,17 @@ class Spool:
         return self._bytes
 
 
+def open_spool(directory: str, fsync: bool, max_bytes: int, logger: Any) -> Optional[Spool]:
+    """Opens the spool in ``directory``, or says (two lines) why events stay in memory only."""
+    try:
+        return Spool(directory, fsync=fsync, max_bytes=max_bytes, logger=logger)
+    except OSError as exc:
+        logger.error(f'ODP spool directory "{directory}" cannot be used ({exc.__class__.__name__}: '
+                     f"{exc.strerror or exc}).")
+        logger.warning("ODP events are kept in memory only: a crash can lose queued events.")
+        return None
+
+
 def _read_acks(path: str) -> Set[int]:
     try:
         with open(path, "rb") as file:
