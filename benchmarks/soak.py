@@ -35,21 +35,24 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST = "tests/integration/test_stateful_ledger.py"
 
 
-def _signature(output: str) -> str:
-    """The failure's first assertion line, with numbers and ids blanked, to group alike failures."""
-    for line in output.splitlines():
-        if line.startswith("E ") and ("Error" in line or "assert" in line):
-            text = line[1:].strip()
-            text = re.sub(r"\{.*", "{...}", text)
-            text = re.sub(r"(good|poison)-\d+", r"\1-N", text)
-            return re.sub(r"\d+(\.\d+)?", "N", text)[:160]
-    return "no assertion line (see the kept output)"
+def _signature(failed_check: str, output: str) -> str:
+    """The failed check (or the first assertion line), numbers and ids blanked, to group alike failures."""
+    lines = [line.split(": ", 1)[1] for line in failed_check.splitlines() if ": " in line]
+    lines += [line[line.index("AssertionError"):] for line in output.splitlines() if "AssertionError" in line]
+    lines += [line[1:].strip() for line in output.splitlines() if line.startswith("E ") and "Error" in line]
+    if not lines:
+        return "no assertion line (see the kept output)"
+    text = re.sub(r"\{.*", "{...}", lines[0])
+    text = re.sub(r"(good|poison)-\d+", r"\1-N", text)
+    return re.sub(r"\d+(\.\d+)?", "N", text)[:160]
 
 
-def _round(seed: int, per_run: int, shrink: bool, timeout: float, count_file: Path) -> Tuple[int, str, bool]:
+def _round(seed: int, per_run: int, *, shrink: bool, timeout: float, count_file: Path,
+           failure_file: Path) -> Tuple[int, str, bool]:
     """One pytest process; returns (its exit status, its output, whether it timed out)."""
     env = {**os.environ, "ODP_EXT_STATEFUL_SEED": str(seed), "ODP_EXT_STATEFUL_EXAMPLES": str(per_run),
-           "ODP_EXT_STATEFUL_SHRINK": "1" if shrink else "0", "ODP_EXT_STATEFUL_COUNT_FILE": str(count_file)}
+           "ODP_EXT_STATEFUL_SHRINK": "1" if shrink else "0", "ODP_EXT_STATEFUL_COUNT_FILE": str(count_file),
+           "ODP_EXT_STATEFUL_FAILURE_FILE": str(failure_file)}
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=0",
                TEST]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -92,12 +95,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     while time.monotonic() < deadline and (args.schedules <= 0 or schedules() < args.schedules):
         seed = rng.getrandbits(32)
-        status, output, timed_out = _round(seed, args.per_run, args.shrink, args.round_timeout, count_file)
+        failure_file = out / f"checks-{seed}.txt"
+        status, output, timed_out = _round(seed, args.per_run, shrink=args.shrink, timeout=args.round_timeout,
+                                           count_file=count_file, failure_file=failure_file)
         rounds += 1
         if status != 0:
-            signature = "round timed out" if timed_out else _signature(output)
+            failed_check = failure_file.read_text() if failure_file.exists() else ""
+            signature = "round timed out" if timed_out else _signature(failed_check, output)
             kept = out / f"failure-{seed}.txt"
-            kept.write_text(output)
+            kept.write_text(f"{failed_check}\n{output}")
             failures.append((seed, signature, kept))
             signatures[signature] += 1
             print(f"[{time.monotonic() - started:7.0f} s] seed {seed}: FAILED ({signature}) -> {kept}", flush=True)
