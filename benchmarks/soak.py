@@ -37,7 +37,9 @@ TEST = "tests/integration/test_stateful_ledger.py"
 
 def _signature(failed_check: str, output: str) -> str:
     """The failed check (or the first assertion line), numbers and ids blanked, to group alike failures."""
-    lines = [line.split(": ", 1)[1] for line in failed_check.splitlines() if ": " in line]
+    # The test writes "seed N options {...} callback MODE: <the failed check's first line>".
+    lines = [found.group(1) for found in map(re.compile(r" callback \w+: (.*)").search, failed_check.splitlines())
+             if found]
     lines += [line[line.index("AssertionError"):] for line in output.splitlines() if "AssertionError" in line]
     lines += [line[1:].strip() for line in output.splitlines() if line.startswith("E ") and "Error" in line]
     if not lines:
