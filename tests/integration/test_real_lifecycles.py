@@ -208,8 +208,9 @@ def test_class_uninstall_closes_every_client_under_one_close_timeout(make_client
             started = time.monotonic()
             optimizely_odp_ext.uninstall()
             took = time.monotonic() - started
-        # One shared deadline: about 2 s (plus the 1 s join margin), where one after another took 4 x 2 s.
-        assert took < 5.0, took
+        # One shared deadline: about 2 s (plus the 1 s join margin). Closing one after another takes at
+        # least 4 x 2 s (every request hangs): the bound is that, not a guess at this machine's speed.
+        assert took < 4 * 2.0, took
 
 
 @pytest.mark.parametrize("count", [1, 4])
@@ -227,6 +228,8 @@ def test_close_all_budget_does_not_grow_with_the_number_of_clients(
         assert server.wait_for_requests(count, timeout=10)
         started = time.monotonic()
         assert _lifecycle.close_all(why="test") == count
-        assert time.monotonic() - started < 5.0  # one 2 s deadline plus the join margin, not count x 2 s
+        # One 2 s deadline plus the join margin; one client after another takes at least count x 2 s.
+        took = time.monotonic() - started
+        assert took < max(count, 2.5) * 2.0, took
         for client in clients:
             assert client.odp_event_stats()["dropped"]["unconfirmed"] == 3
