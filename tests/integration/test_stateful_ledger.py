@@ -336,7 +336,9 @@ class LedgerMachine(RuleBasedStateMachine):
         for thread in threading.enumerate():
             if thread.name.startswith("odp-ext-"):
                 thread.join(SEND_JOIN)
-        assert self.client.odp_event_stats() == stats, "the counts changed after close() returned"
+        after = self.client.odp_event_stats()
+        assert after == stats, (f"the counts changed after close() returned: {_shown_counts(stats)} -> "
+                                f"{_shown_counts(after)}")
         if quiet_close:
             # Everything had an outcome before close(): the close itself drops nothing.
             assert (stats["delivered"], stats["dropped"], stats["left_in_spool"]) == \
@@ -455,6 +457,11 @@ def _shown(options: Dict[str, Any]) -> Dict[str, Any]:
     return {name: value for name, value in options.items() if name not in ("logger", "spool_dir")}
 
 
+def _shown_counts(stats: Dict[str, Any]) -> str:
+    return (f"accepted={stats['accepted']} delivered={stats['delivered']} dropped={_nonzero(stats['dropped'])} "
+            f"pending={stats['pending']} left_in_spool={stats['left_in_spool']}")
+
+
 def _outcome_counts(stats: Dict[str, Any]) -> Counter[str]:
     counts: Counter[str] = collections.Counter(stats["dropped"])
     counts["delivered"] = stats["delivered"]
@@ -467,8 +474,7 @@ def _nonzero(counts: Dict[str, int]) -> Dict[str, int]:
 
 def _check_invariant(stats: Dict[str, Any]) -> None:
     dropped = _nonzero(stats["dropped"])
-    counts = (f"accepted={stats['accepted']} delivered={stats['delivered']} dropped={dropped} "
-              f"pending={stats['pending']} left_in_spool={stats['left_in_spool']}")
+    counts = _shown_counts(stats)
     assert stats["pending"] >= 0, f"negative pending: {counts}"
     total = stats["delivered"] + sum(dropped.values()) + stats["pending"] + stats["left_in_spool"]
     assert stats["accepted"] == total, f"accepted != delivered + dropped + pending + left_in_spool: {counts}"
