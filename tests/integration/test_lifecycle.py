@@ -8,16 +8,17 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import pytest
 
 import optimizely_odp_ext
 from optimizely_odp_ext._datafile import datafile
 from optimizely_odp_ext.extension import manager_of
-from optimizely_odp_ext.testing import FakeOdpServer
+from optimizely_odp_ext.testing import NO_RESPONSE, FakeOdpServer
 from tests.conftest import SDK5, TEST_KEY, requires_sdk5
 
 from ._helpers import (
@@ -86,25 +87,30 @@ def test_exit_without_close_delivers_everything(install: str) -> None:
         assert done.returncode == 0, done.stderr
         at_exit: Dict[str, Any] = json.loads(done.stdout)
         assert at_exit["accepted"] == 500
-        assert at_exit["delivered"] <= 450  # the last 50 cannot have gone before the exit hook
         assert_delivered_exactly_once(server, ids("exit", 500))
+        # The last 50 went in a batch of their own, after the script's last line: a partial batch goes
+        # out only at its flush interval (60 s, never reached) or when flushed, so the exit hook sent it.
+        batches = sorted(tuple(str(e["data"]["idempotence_id"]) for e in json.loads(r.body))
+                         for r in server.requests)
+        assert batches == sorted(tuple(ids("exit", n, start)) for start, n in ((0, 150), (150, 150), (300, 150),
+                                                                                (450, 50)))
+        assert [r.status for r in server.requests] == [202] * 4
         assert "INFO ODP event manager closed: 500 delivered, 0 dropped." in done.stderr.splitlines()
 
 
 def test_exit_while_the_server_hangs_is_bounded_by_close_timeout() -> None:
     with FakeOdpServer(TEST_KEY) as server:
         server.hang_next(10_000)
-        started = time.monotonic()
         done = _run_exit_script(server, "instance", flush_interval=60, request_timeout=0.5, close_timeout=1.0)
-        elapsed = time.monotonic() - started
         assert done.returncode == 0, done.stderr
         closed = [line for line in done.stderr.splitlines() if "ODP event manager closed" in line]
         # Never sent, or sent with no answer by the deadline ("unconfirmed"): all 500 accounted for.
         assert len(closed) == 1
         assert _split_drops(closed[0], "WARNING ODP event manager closed: 0 delivered, 500 dropped")
         assert server.events == []
-        # Interpreter start-up and imports take a second or two; the exit hook itself at most ~1 s.
-        assert elapsed < 8, elapsed
+        # Bounded: every request hangs until the server stops, and the retry window is 300 s, so only
+        # the close deadline could end the script within subprocess.run's 60 s; no duration asserted
+        # (interpreter start-up on a loaded machine varies far more than the 1 s deadline).
 
 
 # ----------------------------------------------------------------- fork
@@ -181,11 +187,11 @@ def test_close_returns_by_its_deadline_while_the_server_hangs(
     assert odp_server.wait_for_requests(1, timeout=5)
 
     started = time.monotonic()
-    client.close()
+    client.close()  # every request hangs until the server stops: only the deadline can end close()
     elapsed = time.monotonic() - started
 
-    assert elapsed < 2.5, elapsed
     assert elapsed >= 0.9, elapsed  # it kept trying until the deadline, not giving up at once
+    assert all(r.status == NO_RESPONSE for r in odp_server.requests)  # returned with none answered
     assert odp_server.events == []
     stats = client.odp_event_stats()
     assert (stats["accepted"], stats["delivered"], stats["pending"]) == (20, 0, 0)
@@ -203,9 +209,7 @@ def test_close_right_after_a_hung_request_still_delivers_everything(
     send(client, ids("late", 20))
     assert odp_server.wait_for_requests(1, timeout=5)  # the hung one
 
-    started = time.monotonic()
     client.close()
-    assert time.monotonic() - started < 5.0
 
     assert_delivered_exactly_once(odp_server, ids("late", 20))
     stats = client.odp_event_stats()
@@ -275,9 +279,8 @@ def test_close_cuts_a_long_retry_after_short(odp_server: FakeOdpServer, installe
     send(client, ids("patient", 10))
     assert wait_until(lambda: client.odp_event_stats()["retries"] == 1, timeout=5)
 
-    started = time.monotonic()
     client.close()
-    assert time.monotonic() - started < 2.0
+    # Delivered by a close whose budget (5 s) is shorter than the Retry-After (30 s): the close cut it.
     assert_delivered_exactly_once(odp_server, ids("patient", 10))
     assert [r.status for r in odp_server.requests] == [429, 202]
 
@@ -289,10 +292,11 @@ def test_close_with_events_held_for_a_datafile_that_never_comes(log: Any) -> Non
         try:
             assert datafile_server.requested.wait(10)
             send(client, ids("held", 4))
-            started = time.monotonic()
-            _close_plugin(client)
-            # Nothing can send them: close does not wait out its deadline.
-            assert time.monotonic() - started < 1.0
+            # Nothing can send them: close does not wait out its deadline (300 s here; the join bounds a hang).
+            closer = threading.Thread(target=_close_plugin, args=(client, 300.0), name="test-closer", daemon=True)
+            closer.start()
+            closer.join(30)
+            assert not closer.is_alive(), "close() waited for a datafile that cannot come"
             stats = client.odp_event_stats()
             assert (stats["state"], stats["accepted"], stats["pending"], no_drops(stats)) == \
                 ("undetermined", 4, 0, {"shutdown": 4})
@@ -300,11 +304,11 @@ def test_close_with_events_held_for_a_datafile_that_never_comes(log: Any) -> Non
             close_polling_client(client, datafile_server)
 
 
-def _close_plugin(client: Any) -> None:
+def _close_plugin(client: Any, timeout: Optional[float] = None) -> None:
     """Closes only the plugin's manager (the SDK's close would wait on the held datafile fetch)."""
     manager = manager_of(client)
     assert manager is not None
-    manager.close()
+    manager.close(timeout)
 
 
 # ----------------------------------------------------------------- flush_odp_events()
@@ -325,9 +329,8 @@ def test_flush_returns_false_on_a_hung_server(odp_server: FakeOdpServer, install
     send(client, ids("hung", 5))
 
     started = time.monotonic()
-    assert client.flush_odp_events(0.3) is False
-    elapsed = time.monotonic() - started
-    assert 0.3 <= elapsed < 2.0, elapsed
+    assert client.flush_odp_events(0.3) is False  # returned while the request still hangs
+    assert time.monotonic() - started >= 0.3  # it waited its timeout
     assert odp_server.events == []
 
     client.close()

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from optimizely_odp_ext.testing import FakeOdpServer
 
-from ._helpers import FLUSH_TIMEOUT, ids, send
+from ._helpers import FLUSH_TIMEOUT, assert_delivered_exactly_once, ids, send
 
 Report = Tuple[str, List[Dict[str, Any]], str, str]
 
@@ -73,17 +73,18 @@ def test_events_left_at_the_close_deadline_are_reported(installed: Callable[...,
 
 def test_a_raising_callback_is_logged_once_and_never_stops_delivery(
         odp_server: FakeOdpServer, installed: Callable[..., Any], log: Any) -> None:
-    calls: List[str] = []
+    calls: List[Tuple[str, str]] = []
 
     def broken(outcome: str, events: List[Dict[str, Any]], detail: str) -> None:
-        calls.append(outcome)
+        calls.extend((outcome, str(event["idempotence_id"])) for event in events)
         raise RuntimeError("metrics backend down")
 
     client = installed(odp_server, flush_interval=0.01, batch_size=5, on_outcome=broken)
     for round_ in range(3):
         send(client, ids(f"r{round_}", 5))
         assert client.flush_odp_events(FLUSH_TIMEOUT) is True
-    assert len(odp_server.events) == 15
-    assert len(calls) >= 3
+    assert_delivered_exactly_once(odp_server, ids("r0", 5) + ids("r1", 5) + ids("r2", 5))
+    # Still called for every batch after raising: each event reported once, as delivered.
+    assert sorted(calls) == sorted(("delivered", event_id) for r in range(3) for event_id in ids(f"r{r}", 5))
     raised = [line for line in log[1].errors() if "on_outcome callback raised RuntimeError" in line]
     assert len(raised) == 1, raised

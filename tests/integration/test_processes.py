@@ -287,9 +287,9 @@ def test_interpreter_exit_with_four_clients_takes_one_close_timeout(tmp_path: Pa
         ended = time.monotonic()
         assert result.returncode == 0, result.stderr
         exiting = float(result.stdout.split()[1])
-        # One shared deadline of 2 s (plus the join margin and interpreter teardown), where closing
-        # one client after another took 4 x 2 s.
-        assert ended - exiting < 5.0, ended - exiting
+        # One shared deadline of 2 s (plus the join margin and interpreter teardown); closing one client
+        # after another takes at least 4 x 2 s (every request hangs): the bound is that.
+        assert ended - exiting < 4 * 2.0, ended - exiting
 
 
 # ----------------------------------------------------------------- item 10: clients dropped without close()

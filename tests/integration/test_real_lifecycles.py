@@ -104,12 +104,11 @@ def test_flush_without_timeout_is_bounded_when_no_datafile_ever_arrives(log: Any
         send(client, ids("held", 5))
         result: List[bool] = []
         flusher = threading.Thread(target=lambda: result.append(client.flush_odp_events()), daemon=True)
-        started = time.monotonic()
         flusher.start()
+        # Bounded by close_timeout (0.5 s), not by the retry window (300 s); the join only bounds a hang.
         flusher.join(20)
         assert not flusher.is_alive(), "flush_odp_events() without a timeout never returned"
         assert result == [False]
-        assert time.monotonic() - started < 10
         gave_up = [line for line in log[1].lines() if line.startswith("flush_odp_events gave up")]
         assert len(gave_up) == 1, gave_up
         assert "no datafile has arrived yet" in gave_up[0], gave_up
@@ -209,8 +208,9 @@ def test_class_uninstall_closes_every_client_under_one_close_timeout(make_client
             started = time.monotonic()
             optimizely_odp_ext.uninstall()
             took = time.monotonic() - started
-        # One shared deadline: about 2 s (plus the 1 s join margin), where one after another took 4 x 2 s.
-        assert took < 5.0, took
+        # One shared deadline: about 2 s (plus the 1 s join margin). Closing one after another takes at
+        # least 4 x 2 s (every request hangs): the bound is that, not a guess at this machine's speed.
+        assert took < 4 * 2.0, took
 
 
 @pytest.mark.parametrize("count", [1, 4])
@@ -228,6 +228,8 @@ def test_close_all_budget_does_not_grow_with_the_number_of_clients(
         assert server.wait_for_requests(count, timeout=10)
         started = time.monotonic()
         assert _lifecycle.close_all(why="test") == count
-        assert time.monotonic() - started < 5.0  # one 2 s deadline plus the join margin, not count x 2 s
+        # One 2 s deadline plus the join margin; one client after another takes at least count x 2 s.
+        took = time.monotonic() - started
+        assert took < max(count, 2.5) * 2.0, took
         for client in clients:
             assert client.odp_event_stats()["dropped"]["unconfirmed"] == 3

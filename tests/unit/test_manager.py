@@ -353,7 +353,7 @@ def test_429_retry_after_is_honoured(build: Build) -> None:
     assert manager.flush(WAIT) is True
     assert len(transport.calls) == 2
     gap = transport.calls[1].at - transport.calls[0].at
-    assert 0.3 <= gap < 0.3 + 2.0
+    assert gap >= 0.3  # not before the Retry-After
 
 
 def test_429_retry_after_is_capped(build: Build) -> None:
@@ -361,9 +361,9 @@ def test_429_retry_after_is_capped(build: Build) -> None:
     transport.script.append(Reply(429, 3600.0, ""))
     manager, _ = build(transport, policy=fast_policy(retry_after_cap=0.05))
     manager.enqueue(ev("x"))
-    assert manager.flush(WAIT) is True
+    assert manager.flush(WAIT) is True  # within WAIT, not after the 3600 s asked: capped
     gap = transport.calls[1].at - transport.calls[0].at
-    assert 0.05 <= gap < 2.0
+    assert gap >= 0.05
 
 
 def test_transport_exception_is_a_failed_attempt(build: Build, log: Log) -> None:
@@ -554,8 +554,9 @@ def test_flush_true_when_done_false_while_the_transport_blocks(build: Build) -> 
     manager.enqueue(ev("x"))
     assert transport.wait_calls(1)
     started = time.monotonic()
-    assert manager.flush(0.1) is False
-    assert 0.1 <= time.monotonic() - started < 2.0
+    assert manager.flush(0.1) is False  # returned with the send still blocked
+    assert not transport.gate.is_set()
+    assert time.monotonic() - started >= 0.1
     assert check_invariant(manager)["pending"] == 1
     transport.gate.set()
     assert manager.flush(WAIT) is True
@@ -659,10 +660,8 @@ def test_close_returns_within_its_timeout_while_the_transport_blocks(build: Buil
     for i in range(3):
         manager.enqueue(ev(f"e{i}"))
     assert transport.wait_calls(1)
-    started = time.monotonic()
     manager.close(timeout=0.3)
-    elapsed = time.monotonic() - started
-    assert elapsed < 0.3 + 0.7
+    assert not transport.gate.is_set()  # close returned while the request was still blocked
     stats = check_invariant(manager)
     # The request was in flight at the deadline: ODP may have it, so it is "unconfirmed".
     assert stats["dropped"] == no_drops(unconfirmed=3)
