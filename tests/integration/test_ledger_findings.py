@@ -18,9 +18,6 @@ from ._helpers import FLUSH_TIMEOUT, assert_delivered_exactly_once, send
 FLUSH_GRACE = 2.0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: flush_odp_events() racing the first send_odp_event returns "
-                                       "False at once, with no log line, while the event waits in the queue "
-                                       "for the worker that send is starting (found by the stateful test)")
 def test_a_flush_racing_the_first_send_waits_for_its_event(
         odp_server: FakeOdpServer, installed: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     client = installed(odp_server)

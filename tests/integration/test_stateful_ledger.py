@@ -484,7 +484,6 @@ def _check_invariant(stats: Dict[str, Any]) -> None:
 # On today's code about 1 schedule in 70 fails (issue 17's defects 1-4, 6 and a flush racing the first
 # send; see benchmarks/soak.py), so a short run fails now and then: not strict, and not under the soak,
 # which counts every failure. Drop this mark when the ledger fix merges.
-@pytest.mark.xfail(FAILURE_FILE is None, strict=False, reason="issue 17: some schedules fail on today's code")
 def test_every_accepted_event_has_exactly_one_outcome_under_random_schedules() -> None:
     # Printed with the failure (pytest shows captured output), so the schedules can be replayed.
     print(f"stateful ledger test: ODP_EXT_STATEFUL_SEED={SEED} ODP_EXT_STATEFUL_EXAMPLES={EXAMPLES}")
