@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from typing_extensions import Protocol
 
-from . import _celery, _gunicorn, _uwsgi  # import this module back; use it only at call time
+from . import _celery, _gunicorn, _threads, _uwsgi  # import this module back; use it only at call time
 from ._threads import Wake, start_quiet
 
 _log = logging.getLogger(__name__)
@@ -372,6 +372,8 @@ def _watch_sigterm() -> None:
     global _watch_pipe  # noqa: PLW0603
     if not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
         return
+    if _threads.green():
+        return  # the watch blocks in os.read: a greenlet there would block the hub (see _threads)
     if _uwsgi.hosted():
         # uWSGI forks in C, without Python's fork hooks: its workers would share this pipe, and
         # their signals would read as ours. (No thread may run in a uWSGI master anyway: _uwsgi.)

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
-from . import _uwsgi
+from . import _threads, _uwsgi
 from ._batch import Target, _Batch, _Item
 from ._stats import DROP_REASONS, REFUSE_REASONS
 from ._threads import Wake
@@ -43,7 +43,7 @@ class ManagerState:
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_batch_size", "_capacity", "_close_deadline", "_close_seen",
                  "_closed", "_closing", "_count_lock", "_defaults", "_delivered", "_dropped", "_failing_since",
-                 "_finished", "_flush_cond", "_flush_waiters", "_forks_in_c", "_held_for_fork", "_idle",
+                 "_finished", "_flush_cond", "_flush_waiters", "_forks_in_c", "_green", "_held_for_fork", "_idle",
                  "_in_background", "_in_flight", "_in_flight_batches", "_in_flight_events", "_initial_target",
                  "_last_failure_warning", "_last_overflow_warning", "_last_pass", "_last_spool_warning",
                  "_left_in_spool", "_lifecycle", "_live", "_low_water", "_on_outcome", "_outcome_failures",
@@ -83,14 +83,11 @@ class ManagerState:
         # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
         # flag below has a single writer (the caller's side, close() or the worker, as noted).
         self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)
-        self._wake = Wake()  # never blocks its setter: see Wake
-        self._start_lock = threading.Lock()
-        self._flush_cond = threading.Condition(threading.RLock())
+        self._make_primitives()
         self._worker: Optional[threading.Thread] = None
         self._senders: List[threading.Thread] = []
         # Worker -> senders and back (see _senders): the only hand-offs between those threads.
         self._send_queue: Deque[Optional[_Batch]] = collections.deque()
-        self._send_ready = threading.Semaphore(0)
         self._results: Deque[Tuple[_Batch, Reply]] = collections.deque()
         self._transport: Optional[Transport] = None
         self._closing = False
@@ -102,12 +99,7 @@ class ManagerState:
         self._close_seen = False
         self._close_deadline = 0.0
         self._flush_waiters = 0
-        # overflow="block": callers waiting for room; the worker notifies only when there are some.
-        # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
-        self._room = threading.Condition(threading.RLock())
         self._room_waiters = 0
-        # Counted by the caller's side, on rare paths only (under _count_lock).
-        self._count_lock = threading.RLock()
         self._overflowed = 0
         # on_outcome only: events the caller's side dropped as queue_full, for the worker to report.
         self._overflow_report: Deque[Pending] = collections.deque()
@@ -142,6 +134,21 @@ class ManagerState:
         self._last_spool_warning = -_WARN_EVERY
         self._spool_refused = 0  # dropped by a full spool since the last warning about it
         self._low_water = 0
+
+    def _make_primitives(self) -> None:
+        """The locks and wake-ups, of this process's threading world now: real ones, or green ones
+        once gevent or eventlet patched ``threading`` (see _threads). Nothing waits on them before
+        the worker starts, so ``_start()`` makes them again if the process was patched since."""
+        self._green = _threads.green()
+        self._wake = Wake()  # never blocks its setter: see Wake
+        self._start_lock = threading.Lock()
+        self._flush_cond = threading.Condition(threading.RLock())
+        self._send_ready = threading.Semaphore(0)  # worker -> senders, with _send_queue
+        # overflow="block": callers waiting for room; the worker notifies only when there are some.
+        # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
+        self._room = threading.Condition(threading.RLock())
+        # Counted by the caller's side, on rare paths only (under _count_lock).
+        self._count_lock = threading.RLock()
 
     if TYPE_CHECKING:
         # The lifecycle of one manager, provided by EventManager (manager.py): the pieces call these

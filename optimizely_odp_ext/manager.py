@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Tuple
 
-from . import _compat, _lifecycle, _uwsgi
+from . import _compat, _lifecycle, _threads, _uwsgi
 from ._batch import Target
 from ._caller_queue import CallerQueue
 from ._outcomes import _reasons
@@ -174,6 +174,8 @@ class EventManager(CallerQueue, Scheduler, SenderPool):
     def _start(self) -> None:
         if self._held_for_fork:
             return  # a process uWSGI forks from: the events wait for a worker (see _uwsgi)
+        if self._green is not _threads.green():
+            self._make_primitives()  # patched (gevent, eventlet) since they were made: see _threads
         with self._start_lock:
             if self._worker is not None or self._finished:
                 return
