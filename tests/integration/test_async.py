@@ -104,15 +104,15 @@ def test_close_async_timeout_bounds_the_delivery(odp_server: FakeOdpServer, inst
     client.send_odp_event("late", {"fs_user_id": "u"})  # closed: refused (logged), never raises
 
 
-def test_cancelling_flush_async_raises_there_but_delivery_goes_on(odp_server: FakeOdpServer,
-                                                                   installed: Callable[..., Any]) -> None:
-    client = installed(odp_server, flush_interval=30.0)
-    odp_server.set_latency(0.5)  # the flush is still waiting when the task is cancelled
+def _cancel_while_waiting(odp_server: FakeOdpServer, client: Any,
+                          wait: Callable[[], Awaitable[Any]]) -> None:
+    """Cancels the task awaiting ``wait()`` while it waits: CancelledError there; every event arrives."""
+    odp_server.set_latency(0.5)  # still waiting when the task is cancelled
     sent = ids("cancel", 10)
     send(client, sent)
 
     async def main() -> None:
-        task = asyncio.ensure_future(optimizely_odp_ext.flush_async(client, 10))
+        task = asyncio.ensure_future(wait())
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -121,25 +121,18 @@ def test_cancelling_flush_async_raises_there_but_delivery_goes_on(odp_server: Fa
     asyncio.run(main())
     assert odp_server.wait_for_events(len(sent), timeout=10.0)
     assert_delivered_exactly_once(odp_server, sent)
+
+
+def test_cancelling_flush_async_raises_there_but_delivery_goes_on(odp_server: FakeOdpServer,
+                                                                   installed: Callable[..., Any]) -> None:
+    client = installed(odp_server, flush_interval=30.0)
+    _cancel_while_waiting(odp_server, client, lambda: optimizely_odp_ext.flush_async(client, 10))
 
 
 def test_cancelling_close_async_does_not_cancel_the_close(odp_server: FakeOdpServer,
                                                           installed: Callable[..., Any]) -> None:
     client = installed(odp_server, flush_interval=30.0)
-    odp_server.set_latency(0.5)
-    sent = ids("cancel", 10)
-    send(client, sent)
-
-    async def main() -> None:
-        task = asyncio.ensure_future(optimizely_odp_ext.close_async(client))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
-    assert odp_server.wait_for_events(len(sent), timeout=10.0)
-    assert_delivered_exactly_once(odp_server, sent)
+    _cancel_while_waiting(odp_server, client, lambda: optimizely_odp_ext.close_async(client))
     # The close ran to its end, on its own thread.
     assert wait_until(lambda: not any(t.name == "odp-ext-close-async" for t in threading.enumerate()), 10.0)
 

@@ -72,6 +72,14 @@ def test_flask_under_gunicorn_preload_two_workers_nothing_lost_nothing_twice() -
     assert served("05_flask_gunicorn.py") == (40, 41, {"app_loaded": 1, "request": 40}, 0, 0, 2, True, 0)
 
 
+def test_flask_under_gunicorn_gevent_worker_preload_nothing_lost_nothing_twice() -> None:
+    pytest.importorskip("flask")
+    pytest.importorskip("gunicorn")
+    pytest.importorskip("gevent")
+    # The workers patch after the fork, long after the master loaded the app: nothing freezes.
+    assert served("11_gunicorn_gevent.py") == (40, 41, {"app_loaded": 1, "request": 40}, 0, 0, 2, True, 0)
+
+
 def test_django_installed_in_appconfig_ready_under_gunicorn() -> None:
     pytest.importorskip("django")
     pytest.importorskip("gunicorn")
