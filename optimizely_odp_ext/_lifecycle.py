@@ -289,7 +289,7 @@ def enable_sigterm_flush(logger: Any = None) -> bool:
     global _sigterm_previous, _sigterm_installed
     if _sigterm_installed:
         return signal.getsignal(signal.SIGTERM) is _on_sigterm
-    if threading.current_thread() is not threading.main_thread():
+    if not _threads.on_main_thread():
         if logger is not None:
             logger.warning("flush_on_sigterm=True needs install() on the main thread (Python sets signal "
                            "handlers there only); SIGTERM keeps its default handling.")

@@ -61,6 +61,19 @@ def green() -> bool:
     return patched
 
 
+def on_main_thread() -> bool:
+    """Whether the caller runs on the process's main OS thread, where Python runs signal handlers.
+
+    Any greenlet of a patched main thread is on it, though ``threading.current_thread()`` (a green
+    thread there) is then not ``threading.main_thread()``.
+    """
+    main = threading.main_thread()
+    if not green():
+        return threading.current_thread() is main
+    native = getattr(main, "native_id", None)
+    return native is not None and native == threading.get_native_id()
+
+
 def start_quiet(thread: threading.Thread) -> None:
     """Starts ``thread`` with :data:`ASYNC_SIGNALS` blocked in it from its first instruction.
 

@@ -68,3 +68,38 @@ def test_patched_process_delivers_and_keeps_its_signals(lib: str, when: str) -> 
         assert result["flushed"] == [True, True]
         assert not {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT} & set(result["blocked"]), result
         assert_delivered_exactly_once(server, _sent(when))
+
+
+_SIGTERM_SCRIPT = """
+import sys
+if sys.argv[1] == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+else:
+    import eventlet
+    eventlet.monkey_patch()
+import logging, os, signal, threading, time
+from optimizely import optimizely
+import optimizely_odp_ext
+from optimizely_odp_ext._datafile import datafile
+optimizely_odp_ext.install(flush_on_sigterm=True, flush_interval=600, batch_size=1000)
+client = optimizely.Optimizely(datafile(os.environ["ODP_TEST_URL"], os.environ["ODP_TEST_KEY"]),
+                               logger=logging.getLogger("app"))
+for n in range(EVENTS):
+    client.send_odp_event("t", {"fs_user_id": "u"}, data={"idempotence_id": f"term-{n}"})
+threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()  # a green thread
+time.sleep(30)  # ended by the SIGTERM: our handler delivers, then the default action
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_flush_on_sigterm_in_a_patched_process(lib: str) -> None:
+    # install() runs on a green thread of the main OS thread: the handler is set there (it used to be
+    # refused under eventlet, whose current_thread() is then not main_thread()).
+    with FakeOdpServer(TEST_KEY) as server:
+        env = {**os.environ, "ODP_TEST_URL": server.url, "ODP_TEST_KEY": TEST_KEY, "PYTHONWARNINGS": "ignore"}
+        done = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT.replace("EVENTS", str(EVENTS)), lib], env=env,
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+        assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr[-4000:]
+        assert_delivered_exactly_once(server, [f"term-{n}" for n in range(EVENTS)])
