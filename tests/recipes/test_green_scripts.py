@@ -14,6 +14,7 @@ gevent and eventlet are test-only dependencies (the `recipes` nox session); with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -47,10 +48,18 @@ LIBS = [pytest.param("gevent", marks=_installed("gevent")), pytest.param("eventl
 
 def _run(lib: str, when: str, server: FakeOdpServer) -> Dict[str, Any]:
     env = {**os.environ, "ODP_TEST_URL": server.url, "ODP_TEST_KEY": TEST_KEY, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(APP), lib, when], env=env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
-    result: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    # Its own session: a frozen forked child is killed with its parent, not left behind.
+    process = subprocess.Popen([sys.executable, str(APP), lib, when], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.communicate(timeout=10)
+    assert process.returncode == 0, stdout + stderr[-4000:]
+    result: Dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     print(f"{lib} {when}: hub lag {result['lag'] * 1000:.1f} ms")  # for the record (-s), not asserted
     return result
 
