@@ -33,6 +33,8 @@ TEST_TOOLS = ["pytest>=7.4,<10", "hypothesis>=6.80,<7"]
 RECIPE_FRAMEWORKS = [
     "fastapi>=0.110,<1", "uvicorn>=0.29,<1", "flask>=3,<4", "gunicorn>=22,<24", "django>=4.2,<6",
     "uwsgi>=2.0.24,<2.1", "prometheus_client>=0.20,<1", "celery>=5.3,<6",
+    # gunicorn -k gevent, Celery -P gevent / -P eventlet, and the plain patched scripts (issue 18).
+    "gevent>=24.10.1", "eventlet>=0.36",
 ]
 
 
@@ -100,7 +102,8 @@ def examples(session: nox.Session) -> None:
 
 @nox.session(python=MAIN_PYTHON)
 def recipes(session: nox.Session) -> None:
-    """The framework recipes in examples/ under real uvicorn, gunicorn, uWSGI, Django, Prometheus."""
+    """The framework recipes in examples/ under real uvicorn, gunicorn (sync and gevent), uWSGI, Django,
+    Prometheus, Celery (prefork, threads, gevent, eventlet)."""
     _install(session, "5.7", *TEST_TOOLS, *RECIPE_FRAMEWORKS)
     session.run("python", "-m", "pytest", "-q", "-m", "recipes", "tests/recipes", *session.posargs)
 

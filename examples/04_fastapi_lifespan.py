@@ -1,4 +1,4 @@
-"""FastAPI under uvicorn: install in the lifespan, close off the event loop; SIGTERM loses nothing."""
+"""FastAPI under uvicorn: install in the lifespan, await close_async at its end; SIGTERM loses nothing."""
 
 # Run it: pip install fastapi uvicorn && python examples/04_fastapi_lifespan.py
 # Serve it: uvicorn --app-dir examples 04_fastapi_lifespan:app
@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
@@ -28,9 +27,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     optimizely_odp_ext.install(client)
     app.state.optimizely = client
     yield
-    # close() may wait up to close_timeout for ODP: never on the event loop's thread. (Python 3.8,
-    # which has no to_thread: await asyncio.get_running_loop().run_in_executor(None, client.close))
-    await asyncio.to_thread(client.close)
+    # close() may wait up to close_timeout for ODP: close_async waits on a thread of its own, and the
+    # event loop goes on serving (uvicorn's other lifespans and connections) meanwhile.
+    await optimizely_odp_ext.close_async(client)
 
 
 app = FastAPI(lifespan=lifespan)

@@ -22,16 +22,19 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from optimizely_odp_ext.testing import FakeOdpServer
 
 TASKS = 10
 ITEMS = 50
-WORKER = ["--pool=prefork", "--concurrency=2", "--max-tasks-per-child=3", "--loglevel=WARNING",
-          "--without-heartbeat", "--without-gossip", "--without-mingle"]
+QUIET = ["--loglevel=WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle"]
+WORKER = ["--pool=prefork", "--concurrency=2", "--max-tasks-per-child=3", *QUIET]
 
 
-def main() -> int:
+def main(worker_args: Sequence[str] = WORKER, description: str = "prefork, 2 processes, each replaced after 3 tasks",
+         ) -> int:
+    """Runs the demo with ``celery worker *worker_args`` (example 12 runs it on green pools)."""
     try:
         import celery  # noqa: F401 - only to tell whether it is installed
     except ImportError:
@@ -51,10 +54,10 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
         log_path = os.path.join(folder, "worker.log")  # shown only if something goes wrong
         with open(log_path, "w") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_tasks", "worker", *WORKER],
+            worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_tasks", "worker", *worker_args],
                                       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            print("worker: prefork, 2 processes, each replaced after 3 tasks")
+            print(f"worker: {description}")
             pids = {result.get(timeout=120) for result in results}
             worker.send_signal(signal.SIGTERM)  # warm shutdown: the running children deliver, then exit
             code = worker.wait(timeout=60)
@@ -73,4 +76,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # python 10_celery.py POOL (example 12): 10 tasks at a time on that pool, in the worker's process.
+    pool = sys.argv[1] if len(sys.argv) > 1 else None
+    sys.exit(main([f"--pool={pool}", "--concurrency=10", *QUIET], f"{pool} pool, 10 at a time") if pool else main())

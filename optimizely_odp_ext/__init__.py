@@ -11,6 +11,9 @@ and does not lose events::
     client.flush_odp_events(timeout=5)      # optional: wait for delivery
     client.close()                          # delivers what is queued, bounded by close_timeout
 
+In asyncio code, ``await flush_async(client, 2)`` and ``await close_async(client)`` wait the same way
+without blocking the event loop.
+
 For type checkers, ``odp(client)`` is the same client typed as :class:`OdpClient`
 (``odp(client).flush_odp_events(5)`` passes ``mypy --strict``). Test helpers (a fake ODP server,
 ``make_client``, the ``odp_client`` pytest fixture) are in :mod:`optimizely_odp_ext.testing`.
@@ -22,10 +25,12 @@ from __future__ import annotations
 
 # Host glue registers itself with the process lifecycle when imported (which never imports it).
 from . import _celery, _gunicorn, _uwsgi  # noqa: F401
+from ._async import close_async, flush_async
 from ._types import OdpClient, odp
 from ._version import __version__
 from .extension import install, uninstall
 from .manager import OdpEventStats
 from .settings import ConfigurationError, Options
 
-__all__ = ["ConfigurationError", "OdpClient", "OdpEventStats", "Options", "__version__", "install", "odp", "uninstall"]
+__all__ = ["ConfigurationError", "OdpClient", "OdpEventStats", "Options", "__version__", "close_async", "flush_async",
+           "install", "odp", "uninstall"]

@@ -36,6 +36,10 @@ class FlushBarrier:
         self.low_water = 0
         self.waiters = 0  # flushes waiting: the worker hurries partial batches for them
 
+    def remake(self) -> None:
+        """Green primitives for a process patched since (see ManagerState._remake_primitives)."""
+        self._cond = threading.Condition(threading.RLock())
+
     def raise_to(self, low: int) -> None:
         """The worker's pass is done: ``low`` is the lowest sequence number still held."""
         self.low_water = low

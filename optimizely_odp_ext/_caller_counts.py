@@ -44,6 +44,10 @@ class CallerCounts:
         self._since_warning = 0
         self._last_warning = -_WARN_EVERY
 
+    def remake(self) -> None:
+        """Green primitives for a process patched since (see ManagerState._remake_primitives)."""
+        self._lock = threading.RLock()
+
     def refuse(self, reason: str) -> None:
         """Counts one call refused before queueing (one of :data:`REFUSE_REASONS`)."""
         with self._lock:

@@ -107,7 +107,7 @@ class CallerQueue(Outcomes):
         _stall_reported = True
         remedy = ("Add --enable-threads to the uWSGI command line (enable-threads = true in its ini)."
                   if _uwsgi.hosted() else
-                  "Python threads are not running in this process (with gevent or eventlet, monkey-patch "
-                  "before importing optimizely_odp_ext).")
+                  "Python threads are not running in this process (with gevent or eventlet: patch before the "
+                  "first event, and no greenlet may keep the hub busy).")
         self.logger.error(f"ODP events are not being sent: the plugin's worker thread has not run for "
                           f"{stalled:.0f} s while {waiting} events wait. {remedy}")

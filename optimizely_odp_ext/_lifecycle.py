@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from typing_extensions import Protocol
 
+from . import _threads
 from ._threads import Wake, start_quiet
 
 _log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ def enable_sigterm_flush(logger: Any = None) -> bool:
     global _sigterm_previous, _sigterm_installed
     if _sigterm_installed:
         return signal.getsignal(signal.SIGTERM) is _on_sigterm
-    if threading.current_thread() is not threading.main_thread():
+    if not _threads.on_main_thread():
         if logger is not None:
             logger.warning("flush_on_sigterm=True needs install() on the main thread (Python sets signal "
                            "handlers there only); SIGTERM keeps its default handling.")
@@ -395,6 +396,8 @@ def _watch_sigterm() -> None:
     global _watch_pipe  # noqa: PLW0603
     if not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
         return
+    if _threads.green():
+        return  # the watch blocks in os.read: a greenlet there would block the hub (see _threads)
     if any(forks_in_c() for forks_in_c in tuple(_FORKS_IN_C)):
         # uWSGI forks in C, without Python's fork hooks: its workers would share this pipe, and
         # their signals would read as ours. (No thread may run in a uWSGI master anyway: _uwsgi.)

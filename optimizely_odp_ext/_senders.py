@@ -50,6 +50,13 @@ class Senders:
         self._flying: Dict[int, _Batch] = {}  # handed over, reply not taken yet
         self.events = 0  # events in those batches
 
+    def remake(self, wake: Wake) -> None:
+        """Green primitives for a process patched since (see ManagerState._remake_primitives)."""
+        if self._threads:
+            return  # started: in use (never the case: _start() remakes before it starts them)
+        self._wake = wake
+        self._ready = threading.Semaphore(0)
+
     def start(self) -> None:
         """Builds the transport and starts the threads (the caller holds the manager's start lock).
         Once: a second call (the worker could not start, the next event tries again) does nothing."""

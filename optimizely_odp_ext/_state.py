@@ -13,7 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
-from . import _uwsgi
+from . import _threads, _uwsgi
 from ._barrier import FlushBarrier
 from ._batch import Target, _Batch, _Item
 from ._caller_counts import _WARN_EVERY, CallerCounts
@@ -43,8 +43,8 @@ class ManagerState:
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_close_deadline", "_close_seen",
-                 "_closed", "_closing", "_counts", "_defaults", "_finished", "_forks_in_c", "_held_for_fork", "_idle",
-                 "_initial_target", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
+                 "_closed", "_closing", "_counts", "_defaults", "_finished", "_forks_in_c", "_green", "_held_for_fork",
+                 "_idle", "_initial_target", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
                  "_live_events", "_on_outcome", "_partial_since", "_pid", "_policy", "_popped", "_priority", "_queue",
                  "_ready", "_recovered_count", "_recovery", "_refusal", "_refusing_alike", "_retry", "_room",
                  "_room_waiters", "_seen_empty", "_senders", "_spool", "_spool_refused", "_start_lock", "_state",
@@ -76,8 +76,7 @@ class ManagerState:
         # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
         # flag below has a single writer (the caller's side, close() or the worker, as noted).
         self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)
-        self._wake = Wake()  # never blocks its setter: see Wake
-        self._start_lock = threading.Lock()
+        self._make_primitives()
         self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
         self._worker: Optional[threading.Thread] = None
         # The sender threads, the transport and the batches in flight: a component (see _senders).
@@ -93,19 +92,9 @@ class ManagerState:
         self._seen_empty = True
         self._close_seen = False
         self._close_deadline = 0.0
-        # overflow="block": callers waiting for room; the worker notifies only when there are some.
-        # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
-        self._room = threading.Condition(threading.RLock())
         self._room_waiters = 0
         # Counted by the caller's side, on rare paths only: refused calls, a full queue's drops.
         self._counts = CallerCounts(self._capacity, self.logger, self._on_outcome is not None)
-        # The ledger: whoever moves an event from one owner to the next (the caller's queue, _ready, a
-        # batch in _live) or to an outcome holds this lock: the worker for each pass, the closing
-        # thread when it takes over from a worker that has let go of it (see EventManager.end_close),
-        # a late caller draining the queue after the close. stats() reads under it, so its
-        # numbers add up. Never held across a callback, a log line or a wait: what a holder has to
-        # say (on_outcome, log lines) goes to the tally's outbox and is said once the lock is released.
-        self._ledger = threading.RLock()
         # The outcome counters, and what is to be said about outcomes once the ledger is released.
         self._tally = Tally(self._on_outcome, self.logger)
         # Written under the ledger only (the worker, or the one finisher); read by others without it
@@ -123,6 +112,34 @@ class ManagerState:
         self._partial_since: Optional[float] = None
         self._last_spool_warning = -_WARN_EVERY
         self._spool_refused = 0  # dropped by a full spool since the last warning about it
+
+    def _make_primitives(self) -> None:
+        """The locks and wake-ups the manager itself holds, of this process's threading world now: real
+        ones, or green ones once gevent or eventlet patched ``threading`` (see _threads)."""
+        self._green = _threads.green()
+        self._wake = Wake()  # never blocks its setter: see Wake
+        self._start_lock = threading.Lock()
+        # overflow="block": callers waiting for room; the worker notifies only when there are some.
+        # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
+        self._room = threading.Condition(threading.RLock())
+        # The ledger: whoever moves an event from one owner to the next (the caller's queue, _ready, a
+        # batch in _live) or to an outcome holds this lock: the worker for each pass, the closing
+        # thread when it takes over from a worker that has let go of it (see EventManager.end_close),
+        # a late caller draining the queue after the close. stats() reads under it, so its
+        # numbers add up. Never held across a callback, a log line or a wait: what a holder has to
+        # say (on_outcome, log lines) goes to the tally's outbox and is said once the lock is released.
+        self._ledger = threading.RLock()
+
+    def _remake_primitives(self) -> None:
+        """The process was patched (gevent, eventlet) after the primitives were made: a gunicorn
+        worker patches after the fork, once a preloaded app made its client. Nothing waits on them
+        before the worker starts, so ``_start()`` makes them all again, the components' too: a greenlet
+        waiting on a real lock would block the process's only OS thread."""
+        self._make_primitives()
+        self._senders.remake(self._wake)
+        self._barrier.remake()
+        self._counts.remake()
+        self._tally.remake()
 
     if TYPE_CHECKING:
         # The lifecycle of one manager, provided by EventManager (manager.py): the pieces call these

@@ -47,6 +47,10 @@ class Tally:
         self.requests = 0
         self.retries = 0
 
+    def remake(self) -> None:
+        """Green primitives for a process patched since (see ManagerState._remake_primitives)."""
+        self._failures_lock = threading.Lock()
+
     def deliver(self, events: List[Encoded], detail: str) -> None:
         self.delivered += len(events)
         self.report("delivered", events, detail)

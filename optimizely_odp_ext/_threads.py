@@ -9,12 +9,26 @@ pipe) is then never interrupted, and a process that installed a handler for SIGT
 package starts is born with the asynchronous signals blocked, and they go to the application's
 threads, as if ours did not exist. Fault signals (SIGSEGV, SIGPIPE, ...) are left alone: they are
 raised by the thread itself.
+
+Green threads (gevent, eventlet): once ``threading`` is monkey-patched, a ``threading.Thread`` is a
+greenlet on the one OS thread that runs the hub, and every lock, condition and sleep of the
+standard library waits cooperatively. This package then lives in that world entirely: its worker
+and senders are greenlets, their locks the patched ones, their HTTP the patched sockets (which
+requests and urllib3 use anyway). One world per object: a real OS lock waited on by a greenlet
+blocks the hub and freezes the process, a green lock released from another OS thread never wakes
+its waiter. Patching may come after this package was imported, even after a fork (gunicorn's gevent
+worker patches in the child): :func:`green` is asked lazily, when a manager starts its threads, and
+the manager rebuilds its locks if they were made before the patch. Signal masks are per OS thread:
+a greenlet needs none of its own, and blocking the mask around a green ``start()`` (which switches
+to other greenlets) would block the hub's own thread, so :func:`start_quiet` leaves it alone there.
 """
 
 from __future__ import annotations
 
 import _thread
+import os
 import signal
+import sys
 import threading
 from typing import FrozenSet, Optional
 
@@ -23,16 +37,55 @@ _NAMES = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGAL
 ASYNC_SIGNALS: FrozenSet[int] = frozenset(getattr(signal, name) for name in _NAMES if hasattr(signal, name))
 
 
+_green_pid = 0  # the process found patched (no library undoes its patching)
+
+
+def green() -> bool:
+    """Whether ``threading`` is monkey-patched (gevent, eventlet) in this process, now.
+
+    Never imports either library: a process that has not imported it has not patched with it.
+    """
+    global _green_pid  # noqa: PLW0603 - remembered per process
+    pid = os.getpid()
+    if _green_pid == pid:
+        return True
+    monkey = sys.modules.get("gevent.monkey")
+    patcher = sys.modules.get("eventlet.patcher")
+    try:
+        patched = bool((monkey is not None and monkey.is_module_patched("threading"))
+                       or (patcher is not None and patcher.is_monkey_patched("thread")))
+    except Exception:  # a module of that name that is not theirs
+        patched = False
+    if patched:
+        _green_pid = pid
+    return patched
+
+
+def on_main_thread() -> bool:
+    """Whether the caller runs on the process's main OS thread, where Python runs signal handlers.
+
+    Any greenlet of a patched main thread is on it, though ``threading.current_thread()`` (a green
+    thread there) is then not ``threading.main_thread()``.
+    """
+    main = threading.main_thread()
+    if not green():
+        return threading.current_thread() is main
+    native = getattr(main, "native_id", None)
+    return native is not None and native == threading.get_native_id()
+
+
 def start_quiet(thread: threading.Thread) -> None:
     """Starts ``thread`` with :data:`ASYNC_SIGNALS` blocked in it from its first instruction.
 
     The mask is set on the starting thread around ``start()`` (a new thread inherits its creator's
     mask), so there is no moment at which the new thread could take a signal. A signal that
     arrives at the starting thread meanwhile stays pending and is delivered when its mask is put
-    back, microseconds later. Where threads have no signal masks (Windows), this is ``start()``.
+    back, microseconds later. Where threads have no signal masks (Windows), or where ``thread``
+    is a greenlet (:func:`green`), this is ``start()``: a green ``start()`` switches to other
+    greenlets, which would run (and start their own threads) with the hub's signals blocked.
     """
     block = getattr(signal, "pthread_sigmask", None)
-    if block is None:
+    if block is None or green():
         thread.start()
         return
     previous = block(signal.SIG_BLOCK, ASYNC_SIGNALS)

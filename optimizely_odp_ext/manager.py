@@ -26,9 +26,9 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Optional
 
-from . import _compat, _lifecycle, _uwsgi
+from . import _compat, _lifecycle, _threads, _uwsgi
 from ._barrier import notify_all
 from ._batch import Target
 from ._caller_queue import CallerQueue
@@ -46,7 +46,7 @@ from ._stats import (
 )
 from ._tally import reasons
 from ._threads import start_quiet
-from .event import Encoded, default_data
+from .event import default_data
 from .retry import RetryPolicy
 from .settings import Options
 from .spool import Spool, open_spool
@@ -108,7 +108,6 @@ class EventManager(CallerQueue, Scheduler):
         self._lifecycle = threading.RLock()
         self._closed = False
         self._spool: Optional[Spool] = None
-        self._recovery: Optional[Iterator[Tuple[str, str, Encoded]]] = None
         # A uWSGI master (or loading process) forks its workers in C while its threads run: none is
         # started here, its events are held for one worker to deliver (see _uwsgi).
         self._held_for_fork = _uwsgi.forks_later()
@@ -173,6 +172,8 @@ class EventManager(CallerQueue, Scheduler):
         with self._start_lock:
             if self._worker is not None or self._finished:
                 return
+            if self._green is not _threads.green():
+                self._remake_primitives()  # patched (gevent, eventlet) since they were made: see _state
             # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
             # start threads while the interpreter is exiting, which is when the exit flush runs.
             self._senders.start()
@@ -186,10 +187,8 @@ class EventManager(CallerQueue, Scheduler):
             except BaseException:
                 self._worker = None  # not started (the interpreter is exiting): the next event tries again
                 raise
-        if self._finished:
-            # A close finished while this was under way (on another thread, or on this one: our SIGTERM
-            # handler closes inline). It released what it saw; the worker sees the close and ends.
-            self._senders.stop()
+        if self._finished:  # a close finished meanwhile (another thread, or our SIGTERM handler on this
+            self._senders.stop()  # type: ignore[unreachable]  # one) released what it saw; the worker ends
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Waits until every event queued before this call is delivered or given up.

@@ -1,7 +1,8 @@
 """The WSGI application the gunicorn shutdown tests serve (``gunicorn --preload gunicorn_app:app``).
 
 Written as a user writes one: the Optimizely client is created at import (in gunicorn's master
-under ``--preload``, before the workers are forked) and sends an ``app_loaded`` event there; each
+under ``--preload``, before the workers are forked; in each worker without it) and sends an
+``app_loaded`` event there; each
 request sends one event from the worker that serves it. Every event carries the sending process's
 id, so the test can tell whose events ODP holds. The test passes the fake ODP server's address and
 ``close_timeout`` through the environment. A bare WSGI app: gunicorn is the only framework needed.
@@ -23,7 +24,7 @@ client = optimizely.Optimizely(datafile(os.environ["ODP_TEST_URL"], os.environ["
                                logger=logging.getLogger("gunicorn_app"))
 optimizely_odp_ext.install(client, close_timeout=float(os.environ["ODP_TEST_CLOSE_TIMEOUT"]))
 client.send_odp_event("app_loaded", {"fs_user_id": "deploy-bot"},
-                      data={"idempotence_id": "app_loaded", "pid": os.getpid()})
+                      data={"idempotence_id": f"app_loaded-{os.getpid()}", "pid": os.getpid()})
 
 
 def app(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:  # type: ignore[type-arg]

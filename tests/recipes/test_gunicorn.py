@@ -13,6 +13,7 @@ gunicorn is a test-only dependency (the ``recipes`` nox session); without it the
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import gzip
@@ -53,8 +54,8 @@ LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+) \((\d+)\)")
 class Gunicorn:
     """``gunicorn --preload --workers 2 gunicorn_app:app`` in its own session, on a free port."""
 
-    def __init__(self, tmp_path: Path, odp: FakeOdpServer, *args: str) -> None:
-        self.args = args
+    def __init__(self, tmp_path: Path, odp: FakeOdpServer, *args: str, preload: bool = True) -> None:
+        self.args = ("--preload", *args) if preload else args
         self.log_path = tmp_path / "gunicorn.log"
         self.env: Dict[str, str] = {
             **os.environ,
@@ -73,7 +74,7 @@ class Gunicorn:
         """Starts the server and returns once both workers have answered a request."""
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "--preload", "--workers", str(WORKERS), "--bind", "127.0.0.1:0",
+                [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--bind", "127.0.0.1:0",
                  "--log-level", "info", *self.args, "gunicorn_app:app"],
                 env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
@@ -100,9 +101,11 @@ class Gunicorn:
         with urllib.request.urlopen(self.base + path, timeout=10) as reply:
             return str(reply.read().decode())
 
-    def send_requests(self, ids: List[str]) -> Set[int]:
-        """One request per id (each makes a worker send one event); returns the workers that served them."""
-        return {int(self.get(f"/event?id={event_id}")) for event_id in ids}
+    def send_requests(self, ids: List[str], concurrency: int = 1) -> Set[int]:
+        """One request per id (each makes a worker send one event), ``concurrency`` at a time; returns
+        the workers that served them. A request not answered (200) raises."""
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            return {int(pid) for pid in pool.map(lambda event_id: self.get(f"/event?id={event_id}"), ids)}
 
     def stop(self) -> float:
         """SIGTERM to the master; returns the seconds until the whole server has exited (exit code 0)."""
@@ -196,7 +199,7 @@ def test_healthy_odp_every_event_delivered_once(healthy: HealthyRun) -> None:
     assert healthy.served_by <= healthy.worker_pids
     # app_loaded was sent by the master before the fork: once, not once per worker.
     counts = collections.Counter(str(e["data"]["idempotence_id"]) for e in healthy.events)
-    assert counts == collections.Counter(["app_loaded", *healthy.sent])
+    assert counts == collections.Counter([f"app_loaded-{healthy.master_pid}", *healthy.sent])
     senders = {int(e["data"]["pid"]) for e in healthy.events if e["action"] == "request"}
     assert senders <= healthy.worker_pids
     assert [int(e["data"]["pid"]) for e in healthy.events if e["action"] == "app_loaded"] == [healthy.master_pid]

@@ -32,6 +32,13 @@ SUMMARY = re.compile(r"^sent (\d+), ODP received (\d+) events \((\{.*\})\), lost
                      r"server exit code (-?\d+)$", re.MULTILINE)
 
 
+def _load_demo() -> ModuleType:
+    """examples/_demo.py (what the recipes' demos share), to serve a recipe with other numbers."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module("_demo")
+
+
 def run_example(name: str) -> str:
     """Runs ``examples/<name>`` in its own process group; returns its output, asserting exit 0."""
     process = subprocess.Popen([sys.executable, str(EXAMPLES / name)], cwd=EXAMPLES, stdout=subprocess.PIPE,
@@ -65,11 +72,34 @@ def test_fastapi_under_uvicorn_sigterm_loses_nothing() -> None:
     assert served("04_fastapi_lifespan.py") == (40, 40, {"request": 40}, 0, 0, 1, True, -signal.SIGTERM)
 
 
+def test_fastapi_lifespan_close_async_delivers_every_event_of_500_requests() -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    # The recipe's lifespan awaits close_async after SIGTERM: the last requests' events are still
+    # queued then (the demo signals right after the last answer).
+    demo = _load_demo()
+    port = demo.free_port()
+    result = demo.serve([sys.executable, "-m", "uvicorn", "--port", str(port), "04_fastapi_lifespan:app"], port,
+                        requests=500, threads=8)
+    assert result.actions == {"request": 500}, result.output[-4000:]
+    assert not result.lost
+    assert not result.duplicated
+    assert result.returncode == -signal.SIGTERM  # uvicorn's clean stop: it re-raises the SIGTERM
+
+
 def test_flask_under_gunicorn_preload_two_workers_nothing_lost_nothing_twice() -> None:
     pytest.importorskip("flask")
     pytest.importorskip("gunicorn")
     # app_loaded is sent by the master before the fork: exactly once, not once per worker.
     assert served("05_flask_gunicorn.py") == (40, 41, {"app_loaded": 1, "request": 40}, 0, 0, 2, True, 0)
+
+
+def test_flask_under_gunicorn_gevent_worker_preload_nothing_lost_nothing_twice() -> None:
+    pytest.importorskip("flask")
+    pytest.importorskip("gunicorn")
+    pytest.importorskip("gevent")
+    # The workers patch after the fork, long after the master loaded the app: nothing freezes.
+    assert served("11_gunicorn_gevent.py") == (40, 41, {"app_loaded": 1, "request": 40}, 0, 0, 2, True, 0)
 
 
 def test_django_installed_in_appconfig_ready_under_gunicorn() -> None:
