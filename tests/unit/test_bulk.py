@@ -48,7 +48,7 @@ class FakeRow(tuple):  # type: ignore[type-arg]
         row._fields = fields  # type: ignore[attr-defined]
         return row
 
-    def asDict(self, recursive: bool = False) -> Dict[str, Any]:  # noqa: N802 - pyspark's name
+    def asDict(self, recursive: bool = False) -> Dict[str, Any]:
         def plain(value: Any) -> Any:
             if isinstance(value, FakeRow):
                 return value.asDict(True) if recursive else value
@@ -72,10 +72,12 @@ def test_mappings_are_delivered_once_each_with_the_documented_ids(odp_server: Fa
     received = odp_server.events
     assert sorted(e["identifiers"]["fs_user_id"] for e in received) == sorted(f"u{i}" for i in range(1200))
     first = next(e for e in received if e["identifiers"]["fs_user_id"] == "u7")
-    assert first["type"] == "fullstack" and first["data"]["order"] == 7
+    assert first["type"] == "fullstack"
+    assert first["data"]["order"] == 7
     assert first["data"]["idempotence_id"] == expected_id(
         "test", {"action": "purchased", "data": {"order": 7}, "identifiers": {"fs_user_id": "u7"}, "type": "fullstack"})
-    assert summary["seconds"] > 0 and summary["peak_rss_bytes"] > 0
+    assert summary["seconds"] > 0
+    assert summary["peak_rss_bytes"] > 0
 
 
 def test_a_rerun_sends_the_same_ids_and_another_dataset_other_ones(odp_server: FakeOdpServer) -> None:
@@ -83,7 +85,8 @@ def test_a_rerun_sends_the_same_ids_and_another_dataset_other_ones(odp_server: F
     first = ids(odp_server)
     odp_server.reset()
     send(odp_server, rows(300), batch_size=7, max_in_flight=1)  # other batching, same ids
-    assert sorted(ids(odp_server)) == sorted(first) and len(set(first)) == 300
+    assert sorted(ids(odp_server)) == sorted(first)
+    assert len(set(first)) == 300
     odp_server.reset()
     send(odp_server, rows(300), dataset="another")
     assert not set(ids(odp_server)) & set(first)
@@ -95,7 +98,9 @@ def test_identical_rows_are_one_id_and_a_given_id_is_kept(odp_server: FakeOdpSer
     summary = send(odp_server, [same, dict(same), own])
     assert summary["delivered"] == 3
     got = ids(odp_server)
-    assert len(got) == 3 and len(set(got)) == 2 and "mine-1" in got  # ODP keeps one of the two identical rows
+    assert len(got) == 3
+    assert len(set(got)) == 2
+    assert "mine-1" in got
 
 
 def test_row_like_objects_are_read_recursively_and_nulls_are_absent(odp_server: FakeOdpServer) -> None:
@@ -107,7 +112,8 @@ def test_row_like_objects_are_read_recursively_and_nulls_are_absent(odp_server: 
     (event,) = odp_server.events
     assert event["identifiers"] == {"fs_user_id": "u1"}  # normalized, the null email left out
     assert event["type"] == "fullstack"
-    assert event["data"]["price"] == 9.5 and "coupon" not in event["data"]
+    assert event["data"]["price"] == 9.5
+    assert "coupon" not in event["data"]
     assert event["data"]["idempotence_id"] == expected_id(
         "test", {"action": "purchased", "data": {"price": 9.5}, "identifiers": {"fs_user_id": "u1"},
                  "type": "fullstack"})
@@ -129,17 +135,22 @@ def test_invalid_rows_are_counted_and_logged_with_their_position(odp_server: Fak
     assert len(odp_server.events) == 4
     lines = handler.errors()
     assert len(lines) == 4, lines  # the first three one by one, then one line for the rest
-    assert "row 3:" in lines[0] and "ODP action is not valid" in lines[0]
-    assert "row 4:" in lines[1] and '"email"' in lines[1]
-    assert "row 5:" in lines[2] and '"extra"' in lines[2]
-    assert "6 invalid row(s)" in lines[3] and "3 not logged" in lines[3]
+    assert "row 3:" in lines[0]
+    assert "ODP action is not valid" in lines[0]
+    assert "row 4:" in lines[1]
+    assert '"email"' in lines[1]
+    assert "row 5:" in lines[2]
+    assert '"extra"' in lines[2]
+    assert "6 invalid row(s)" in lines[3]
+    assert "3 not logged" in lines[3]
     assert not any("secret@example.com" in line for line in lines)
 
 
 def test_events_odp_refuses_are_counted_not_raised(odp_server: FakeOdpServer) -> None:
     odp_server.reject_events(lambda event: event["data"].get("order", 0) % 10 == 3)
     summary = send(odp_server, rows(100), batch_size=20)
-    assert summary["dropped"] == {"rejected": 10} and summary["delivered"] == 90
+    assert summary["dropped"] == {"rejected": 10}
+    assert summary["delivered"] == 90
     assert sorted(e["data"]["order"] for e in odp_server.events) == [i for i in range(100) if i % 10 != 3]
 
 
@@ -148,14 +159,19 @@ def test_an_outage_past_the_retry_window_raises_partition_not_delivered(odp_serv
     with pytest.raises(bulk.PartitionNotDelivered) as caught:
         send(odp_server, rows(5000), batch_size=50, max_in_flight=2, **FAST)
     summary = caught.value.summary
-    assert summary["delivered"] == 0 and summary["dropped"].get("retry_expired", 0) > 0
+    assert summary["delivered"] == 0
+    assert summary["dropped"].get("retry_expired", 0) > 0
     message = str(caught.value)
-    assert "not delivered" in message and "retry_expired" in message and "HTTP 503" in message
-    assert "stopped after reading" in message and summary["read"] < 5000  # it gave up early
+    assert "not delivered" in message
+    assert "retry_expired" in message
+    assert "HTTP 503" in message
+    assert "stopped after reading" in message
+    assert summary["read"] < 5000
     assert TEST_KEY not in message
     assert odp_server.events == []
     again = pickle.loads(pickle.dumps(caught.value))
-    assert str(again) == message and again.summary == summary
+    assert str(again) == message
+    assert again.summary == summary
 
 
 def test_an_unreachable_host_raises() -> None:
@@ -201,7 +217,8 @@ def test_an_error_from_the_rows_propagates_and_stops_the_sender(odp_server: Fake
 
 def test_the_sender_masks_the_key_and_pickles(odp_server: FakeOdpServer) -> None:
     sender = bulk.PartitionSender(host=odp_server.url, api_key=TEST_KEY, dataset="d", batch_size=50)
-    assert TEST_KEY not in repr(sender) and TEST_KEY[-4:] in repr(sender)
+    assert TEST_KEY not in repr(sender)
+    assert TEST_KEY[-4:] in repr(sender)
     copy = pickle.loads(pickle.dumps(sender))
     assert copy(rows(60))["delivered"] == 60
 
