@@ -37,7 +37,7 @@ from typing_extensions import TypedDict
 from ._sending import NAMESPACE_URL, bulk_manager, settle_timeout, uuid5_namer
 from .event import Pending, validate
 from .settings import ConfigurationError
-from .transport import mask_key
+from .transport import check_host, mask_key
 
 __all__ = ["REFUSED_BY_ODP", "PartitionNotDelivered", "PartitionSender", "Summary", "event_id", "send_partition"]
 
@@ -58,7 +58,8 @@ class Summary(TypedDict):
         read: Rows read.
         delivered: Events ODP accepted (202).
         invalid: Rows discarded as not a valid event (logged).
-        dropped: Valid events given up, by reason (only reasons that occurred; see ``DROP_REASONS``).
+        dropped: Valid events given up, by reason (only reasons that occurred): a drop reason of
+            ``odp_event_stats()``, or ``refused`` for events the event manager would not take.
         seconds: Time spent, from the first row to the last answer.
         peak_rss_bytes: The peak resident memory of this process so far (the executor's Python worker);
             0 where the platform cannot tell.
@@ -136,6 +137,9 @@ def send_partition(rows: Iterable[Any], *, host: str, api_key: str, dataset: str
         raise ConfigurationError(f"dataset must be a non-empty str, got {dataset!r}.")
     if isinstance(batch_size, int) and batch_size > 500:
         raise ConfigurationError(f"batch_size must be at most 500 (ODP's limit per request), got {batch_size}.")
+    refusal = check_host(host, allow_insecure_http) if isinstance(host, str) else None
+    if refusal is not None:  # the manager would refuse every event: say so before reading anything
+        raise ConfigurationError(refusal.replace("to install()", "to send_partition()"))
     log = logger if logger is not None else _log
     started = time.monotonic()
     manager, transports = bulk_manager(
@@ -145,12 +149,14 @@ def send_partition(rows: Iterable[Any], *, host: str, api_key: str, dataset: str
         queue_capacity=batch_size * (max_in_flight + 2))
     reader = _Reader(event_id(dataset), log, _partition_name())
     stopped = done = False
+    refused = 0  # events the manager would not take (it logged why): lost like any other
     try:
         enqueue = manager.enqueue
         check_every = batch_size
         for event in reader.events(rows):
-            enqueue(event)
-            if reader.valid % check_every == 0 and _lost(manager.stats()["dropped"]):
+            if not enqueue(event):
+                refused += 1
+            if reader.valid % check_every == 0 and (refused or _lost(manager.stats()["dropped"])):
                 stopped = True  # the rest would be lost too: let Spark retry the partition instead
                 break
         reader.close()
@@ -161,6 +167,8 @@ def send_partition(rows: Iterable[Any], *, host: str, api_key: str, dataset: str
     summary = Summary(read=reader.read, delivered=stats["delivered"], invalid=reader.invalid,
                       dropped={reason: n for reason, n in stats["dropped"].items() if n},
                       seconds=round(time.monotonic() - started, 3), peak_rss_bytes=_peak_rss())
+    if refused:
+        summary["dropped"]["refused"] = refused
     lost = _lost(summary["dropped"])
     if lost or stopped or not done:
         last = transports[0].last_failure if transports else None

@@ -235,7 +235,8 @@ def test_the_sender_from_a_datafile(odp_server: FakeOdpServer) -> None:
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"dataset": ""}, "dataset"),
     ({"batch_size": 501}, "at most 500"),
-    ({"host": "ftp://x"}, "api_host"),
+    ({"host": "ftp://x"}, "not a valid URL"),
+    ({"host": "http://odp.example.com"}, "plain http"),  # the key would travel unencrypted
 ])
 def test_configuration_mistakes_raise(kwargs: Dict[str, Any], match: str) -> None:
     args: Dict[str, Optional[Any]] = {"host": "https://api.zaius.com", "api_key": TEST_KEY, "dataset": "d", **kwargs}
