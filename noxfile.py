@@ -16,7 +16,7 @@ nox.options.reuse_existing_virtualenvs = True
 # The interpreter's own venv module: current virtualenv releases cannot seed Python 3.8.
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "typecheck", "tests", "tests_python", "examples", "recipes", "dist"]
+nox.options.sessions = ["lint", "typecheck", "tests", "tests_python", "examples", "recipes", "spark", "dist"]
 
 MAIN_PYTHON = "3.11"
 OTHER_PYTHONS = ["3.8", "3.9", "3.10", "3.12", "3.13"]
@@ -106,6 +106,55 @@ def recipes(session: nox.Session) -> None:
     Prometheus, Celery (prefork, threads, gevent, eventlet)."""
     _install(session, "5.7", *TEST_TOOLS, *RECIPE_FRAMEWORKS)
     session.run("python", "-m", "pytest", "-q", "-m", "recipes", "tests/recipes", *session.posargs)
+
+
+@nox.session(python=MAIN_PYTHON)
+def spark(session: nox.Session) -> None:
+    """bulk.send_partition in a real local Spark job (tests/spark) and the Spark recipe in examples/.
+
+    Needs Java 17+: installed here when missing (Debian, as root), else the session stops and says how.
+    """
+    _require_java(session)
+    with _install_lock():
+        session.install("-e", ".[spark]", SDKS["5.7"], *TEST_TOOLS)
+    env = {"ODP_EXT_SPARK": "required"}  # tests/spark fail, never skip, without pyspark or Java
+    session.run("python", "-m", "pytest", "-q", "tests/spark", *session.posargs, env=env)
+    session.run("python", "examples/13_spark_backfill.py", env=env)
+
+
+def _java_major() -> int:
+    """The major version of the java Spark would run (JAVA_HOME's, else the PATH's); 0 when none."""
+    import re
+    import shutil
+    import subprocess
+
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        return 0
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if match is None:
+        return 0
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major  # "1.8.0" is Java 8
+
+
+def _require_java(session: nox.Session) -> None:
+    import shutil
+
+    if _java_major() >= 17:
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        session.log("Spark needs Java 17+: installing openjdk-17-jre-headless")
+        session.run("apt-get", "update", "-q", external=True)
+        session.run("apt-get", "install", "-y", "-q", "--no-install-recommends", "openjdk-17-jre-headless",
+                    external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
+        if _java_major() >= 17:
+            return
+    session.error("Spark needs Java 17 or newer and none was found (JAVA_HOME, or java on the PATH). "
+                  "Install one (Debian/Ubuntu, as root: apt-get install openjdk-17-jre-headless; "
+                  "elsewhere: https://adoptium.net) and run `make test` again.")
 
 
 @nox.session(python=MAIN_PYTHON)

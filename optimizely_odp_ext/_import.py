@@ -18,7 +18,6 @@ The pieces, in the order an event meets them:
 
 from __future__ import annotations
 
-import collections
 import csv
 import dataclasses
 import gzip
@@ -26,27 +25,25 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 import threading
 import time
 import zlib
-from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+from ._sending import NAMESPACE_URL, AckingTransport, Acks, uuid5_namer
 from ._threads import start_quiet
 from .event import validate
 from .manager import EventManager
-from .settings import Options
-from .transport import Reply, RequestsTransport, Timeout, Transport
+
+__all__ = ["CONVERTERS", "AckingTransport", "Acks", "BadInput", "Checkpoint", "CsvMapping", "CsvRows", "Importer",
+           "JsonLines", "Source", "file_identity", "line_ids", "open_source", "rejects_writer"]
 
 # (line number, action, identifiers, type, data), or (line number, error) for an invalid line.
 Row = Tuple[int, Any, Any, Any, Optional[Dict[str, Any]]]
 Bad = Tuple[int, str]
 Converter = Callable[[str], Any]
 
-# uuid.NAMESPACE_URL: ids are RFC 4122 version 5 UUIDs of "odp-import:{identity}:{line}".
-_NAMESPACE = bytes.fromhex("6ba7b8119dad11d180b400c04fd430c8")
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 _JSON_FIELDS = frozenset(("action", "identifiers", "type", "data"))
 
 
@@ -123,18 +120,9 @@ def file_identity(name: str) -> str:
 
 
 def line_ids(identity: str) -> Callable[[int], str]:
-    """Returns ``id_for(line)``: ``str(uuid.uuid5(uuid.NAMESPACE_URL, f"odp-import:{identity}:{line}"))``.
-
-    Written out (one SHA-1, no UUID object) because it runs once per line.
-    """
-    prefix = _NAMESPACE + f"odp-import:{identity}:".encode()
-    sha1 = hashlib.sha1
-
-    def id_for(line: int) -> str:
-        h = sha1(prefix + str(line).encode()).hexdigest()
-        return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
-
-    return id_for
+    """Returns ``id_for(line)``: ``str(uuid.uuid5(uuid.NAMESPACE_URL, f"odp-import:{identity}:{line}"))``."""
+    name_to_id = uuid5_namer(NAMESPACE_URL, f"odp-import:{identity}:")
+    return lambda line: name_to_id(str(line))
 
 
 # --------------------------------------------------------------------------- readers
@@ -308,122 +296,6 @@ class CsvRows:
             self._header_written = True
             writer.writerow(self.header)
         writer.writerow(self.last)
-
-
-# --------------------------------------------------------------------------- acknowledgements
-
-# How encode() writes the id into a batch body (compact separators, a JSON string); a string value
-# cannot contain this sequence unescaped, so every match is an event's own idempotence_id.
-_ID_IN_BODY = re.compile(rb'"idempotence_id":"((?:[^"\\]|\\.)*)"')
-
-
-class Acks:
-    """Which lines ODP has acknowledged (a 2xx for their batch), to place the checkpoint exactly.
-
-    The importer registers each line's id before handing the event over; the transport acknowledges
-    the ids of every batch ODP accepted. :meth:`mark` is the last line before which every line was
-    acknowledged: what a re-run after a crash may skip. Memory is bounded by the lines in flight;
-    once anything is dropped the mark is frozen (:meth:`freeze`) and nothing more is kept.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: Dict[str, int] = {}  # id -> line, for lines handed over and not acknowledged
-        self._more: Dict[str, Deque[int]] = {}  # the rare id that several pending lines share
-        self._order: Deque[int] = collections.deque()  # pending lines, in file order
-        self._acked: Set[int] = set()  # acknowledged lines not yet at the front of _order
-        self._mark = 0
-        self._frozen = False
-
-    def start(self, line: int) -> None:
-        """A new input (or a resumed one): the mark starts at ``line``, nothing is pending."""
-        with self._lock:
-            self._mark = line
-            self._frozen = False
-            self._pending.clear()
-            self._more.clear()
-            self._order.clear()
-            self._acked.clear()
-
-    def add(self, event_id: str, line: int) -> None:
-        if self._frozen:
-            return
-        with self._lock:
-            if event_id in self._pending:
-                self._more.setdefault(event_id, collections.deque()).append(line)
-            else:
-                self._pending[event_id] = line
-            self._order.append(line)
-
-    def ack_body(self, body: bytes) -> None:
-        """Acknowledges every event of an accepted batch body."""
-        if self._frozen:
-            return
-        ids = [m if b"\\" not in m else json.loads(b'"' + m + b'"').encode() for m in _ID_IN_BODY.findall(body)]
-        with self._lock:
-            for raw in ids:
-                event_id = raw.decode()
-                line = self._pending.pop(event_id, None)
-                if line is None:
-                    continue
-                more = self._more.get(event_id)
-                if more:
-                    self._pending[event_id] = more.popleft()
-                    if not more:
-                        del self._more[event_id]
-                self._acked.add(line)
-
-    def mark(self) -> int:
-        with self._lock:
-            return self._advance()
-
-    def _advance(self) -> int:
-        order, acked = self._order, self._acked
-        while order and order[0] in acked:
-            acked.discard(order[0])
-            self._mark = order.popleft()
-        return self._mark
-
-    def freeze(self) -> None:
-        """Something was dropped: the mark stays where it is, so a re-run re-sends from there."""
-        with self._lock:
-            self._advance()  # what was acknowledged in order so far still counts
-            self._frozen = True
-            self._pending.clear()
-            self._more.clear()
-            self._order.clear()
-            self._acked.clear()
-
-    @property
-    def frozen(self) -> bool:
-        return self._frozen
-
-
-class AckingTransport:
-    """The real transport, telling :class:`Acks` about every batch ODP accepted.
-
-    Attributes:
-        last_failure: The last reply that was not a 2xx, for the command line's error line.
-    """
-
-    def __init__(self, options: Options, acks: Optional[Acks]) -> None:
-        self._inner: Transport = RequestsTransport(pool_size=options.max_in_flight, gzip_body=options.gzip)
-        self._acks = acks
-        self.last_failure: Optional[Reply] = None
-
-    def send(self, url: str, api_key: str, body: bytes, timeout: Timeout) -> Reply:
-        reply = self._inner.send(url, api_key, body, timeout)
-        if not 200 <= reply.status < 300:
-            self.last_failure = reply
-        elif self._acks is not None:
-            try:
-                self._acks.ack_body(body)
-            except Exception:  # bookkeeping must never fail a delivery; the mark just stays put
-                self._acks.freeze()
-        return reply
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 # --------------------------------------------------------------------------- checkpoint
