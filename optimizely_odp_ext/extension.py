@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import types
 import weakref
@@ -36,6 +37,7 @@ _log = logging.getLogger(__name__)
 _STATE_ATTR = "_odp_ext_state"
 _TAG = "_odp_ext_applied"
 _REPLACED = "_odp_ext_replaced"  # on our functions: what they replaced (None: nothing)
+_IMPORT_PID = os.getpid()  # where a dead SDK thread can mean a closed client (see _closed_by_sdk)
 _CLOSED_ATTR = "_odp_ext_closed"  # set by close(): the client accepts no more events
 _MISSING = object()
 _CONFIG_UPDATE = "OPTIMIZELY_CONFIG_UPDATE"
@@ -297,9 +299,13 @@ def _closed_by_sdk(client: Any) -> bool:
     """Whether the SDK's own ``close()`` ran before we were installed: its batch event processor's
     thread was started and has stopped (only ``stop()`` ends it). A closed client stays closed.
 
+    Only in the process that imported the plugin: in a forked child (a Celery prefork child, a
+    gunicorn worker) every thread of the parent is dead, so a client first used there is taken as open.
     A client without a batch event processor (optimizely-sdk 4.x's default forwards events) shows
     no trace of its close: it cannot be told from an open one.
     """
+    if os.getpid() != _IMPORT_PID:
+        return False  # a forked child: the parent's threads are all dead here, its client's closed or not
     executor = getattr(getattr(client, "event_processor", None), "executor", None)
     return isinstance(executor, threading.Thread) and executor.ident is not None and not executor.is_alive()
 

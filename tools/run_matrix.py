@@ -47,7 +47,8 @@ def main() -> int:
     nox = [sys.executable, "-m", "nox"]
     names = sessions(nox)
     # The slowest sessions first, so the pool stays busy to the end.
-    names.sort(key=lambda name: 0 if name.startswith("tests") else 1)
+    # The longest sessions first (real servers and workers, a local Spark), then the matrix, then the rest.
+    names.sort(key=lambda name: 0 if name in ("recipes", "spark") else 1 if name.startswith("tests") else 2)
     print(f"running {len(names)} nox sessions, {args.jobs} at a time; logs in {LOGS}", flush=True)
     failed: List[str] = []
     passed = failed_tests = 0

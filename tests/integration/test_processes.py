@@ -408,6 +408,40 @@ def test_a_child_forked_in_c_starts_with_its_own_zero_counts(tmp_path: Path) -> 
         assert_delivered_exactly_once(server, ids("parent", 50))
 
 
+_FIRST_USE_IN_A_CHILD = """
+    import ctypes
+
+    optimizely_odp_ext.install(**OPTIONS)  # every client, as an app module does at import
+    client = optimizely.Optimizely(datafile(URL, KEY))  # its BatchEventProcessor thread runs here
+    assert client.event_processor.executor.is_alive()
+    read_end, write_end = os.pipe()
+    # The client's first event is in the child (a Celery prefork child, a gunicorn worker): the SDK's
+    # thread died with the fork, and that must not read as a client closed before the plugin saw it.
+    pid = ctypes.PyDLL(None).fork() if sys.argv[1] == "c" else os.fork()
+    if pid == 0:
+        send(client, "child", 30)
+        flushed = client.flush_odp_events(30)
+        os.write(write_end, json.dumps([flushed, client.odp_event_stats()]).encode())
+        os._exit(0)
+    os.close(write_end)
+    child = json.loads(os.read(read_end, 65536).decode())
+    os.waitpid(pid, 0)
+    print(json.dumps(child), flush=True)
+    client.close()
+"""
+
+
+@pytest.mark.parametrize("fork", ["python", "c"])
+def test_a_client_first_used_in_a_forked_child_is_not_taken_for_closed(tmp_path: Path, fork: str) -> None:
+    with FakeOdpServer(TEST_KEY) as server:
+        result = _run(_script(tmp_path, _FIRST_USE_IN_A_CHILD), _env(server), fork)
+        assert result.returncode == 0, result.stderr
+        flushed, stats = json.loads(result.stdout)
+        assert "manager is closed" not in result.stderr
+        assert (flushed, stats["accepted"], stats["refused"]["closed"]) == (True, 30, 0), stats
+        assert_delivered_exactly_once(server, ids("child", 30))
+
+
 # ----------------------------------------------------------------- two clients in every process
 
 SECOND_KEY = "second-odp-key-0000000002"
