@@ -10,11 +10,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._import import (
-    CONVERTERS,
-    AckingTransport,
-    Acks,
-)
+from ._import import CONVERTERS
+from ._sending import AckingTransport, Acks, bulk_manager
 
 PROG = "optimizely-odp-ext"
 KEY_ENV = "OPTIMIZELY_ODP_API_KEY"
@@ -127,24 +124,15 @@ def cli_logger(quiet: bool, *left_out: str) -> logging.Logger:
 
 
 def event_manager(args: argparse.Namespace, host: str, key: str, logger: logging.Logger,
-             acks: Optional[Acks] = None, **extra: Any) -> Tuple[Any, List[AckingTransport]]:
+                  acks: Optional[Acks] = None, **extra: Any) -> Tuple[Any, List[AckingTransport]]:
     """An event manager sending to ``host``, and (once it sends) its transport, for the last failure."""
-    from .manager import EventManager
-    from .settings import ConfigurationError, Options, make_options
+    from .settings import ConfigurationError
 
     try:
-        options = make_options(api_host=host, api_key=key, allow_insecure_http=args.allow_insecure_http,
-                               retry_window=args.retry_window, request_timeout=args.request_timeout,
-                               flush_at_exit=False, **extra)
+        return bulk_manager(host, key, logger, acks=acks, allow_insecure_http=args.allow_insecure_http,
+                            retry_window=args.retry_window, request_timeout=args.request_timeout, **extra)
     except ConfigurationError as exc:
         raise UsageError(str(exc)) from None
-    transports: List[AckingTransport] = []
-
-    def transport(opts: Options) -> AckingTransport:
-        transports.append(AckingTransport(opts, acks))
-        return transports[-1]
-
-    return EventManager(options, logger, transport_factory=transport), transports
 
 
 def reasons_text(dropped: Dict[str, int]) -> str:

@@ -68,7 +68,7 @@ def bulk_manager(host: str, api_key: str, logger: Any, *, acks: Optional[Acks] =
     Raises:
         ConfigurationError: When an option cannot work.
     """
-    settings = make_options(api_host=host, api_key=api_key, flush_at_exit=False, overflow="block", **options)
+    settings = make_options(api_host=host, api_key=api_key, **{"flush_at_exit": False, "overflow": "block", **options})
     if "block_timeout" not in options:
         settings = settings.replace(block_timeout=settle_timeout(settings.retry_window, settings.request_timeout))
     transports: List[AckingTransport] = []
