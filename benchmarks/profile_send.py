@@ -23,33 +23,17 @@ import pstats
 import sys
 import threading
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from lean_worker import use_transport  # noqa: E402
+
 from optimizely_odp_ext.testing import FakeOdpServer  # noqa: E402
 
 API_KEY = "bench-odp-key"
-
-
-def use_transport(name: str) -> None:
-    """Makes the manager's default transport ``name`` for this process (benchmark only)."""
-    from optimizely_odp_ext import transport
-
-    if name == "default":
-        return
-    chosen: Any = {"requests": transport.RequestsTransport,
-                   "urllib3": getattr(transport, "Urllib3Transport", None)}[name]
-    if chosen is None:
-        raise SystemExit(f"no {name} transport in this version")
-    from optimizely_odp_ext import manager
-
-    defaults = list(manager.EventManager.__init__.__defaults__ or ())
-    factory = lambda options: chosen(pool_size=options.max_in_flight, gzip_body=options.gzip)  # noqa: E731
-    manager.EventManager.__init__.__defaults__ = tuple(factory if callable(d) and getattr(d, "__name__", "") in (
-        "_default_transport", "default_transport", "<lambda>") else d for d in defaults)
 
 
 def profile_threads() -> List[Tuple[str, cProfile.Profile]]:
