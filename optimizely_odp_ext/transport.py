@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
-from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_auth_from_url, select_proxy
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_auth_from_url, prepend_scheme_if_needed, select_proxy
 from typing_extensions import Protocol
 from urllib3.exceptions import HTTPError as _Urllib3Error
 from urllib3.exceptions import LocationValueError, NewConnectionError, ProxyError
@@ -252,6 +252,9 @@ class Urllib3Transport:
                 return route
             settings = _environment_settings(url)
             proxy = select_proxy(url, settings["proxies"])
+            if proxy:
+                # "host:3128" means http, as it does for requests.
+                proxy = str(prepend_scheme_if_needed(proxy, "http"))  # type: ignore[no-untyped-call]
             if (proxy and not proxy.lower().startswith(("http://", "https://"))) or settings["cert"]:
                 # SOCKS (or a client certificate, which the environment never sets): requests does it.
                 route = _Route(None, RequestsTransport(self._pool_size, self._gzip))

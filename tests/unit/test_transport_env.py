@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -221,16 +221,19 @@ def test_a_bundle_that_does_not_hold_the_certificate_fails(tls_server: FakeOdpSe
     assert tls_server.events == []
 
 
+@pytest.mark.parametrize(("form", "credentials"), [("http://user:s%40cret@{}", b"user:s@cret"),
+                                                    ("{}", None)])  # no scheme: http, as for requests
 def test_http_proxy_forwards_with_its_credentials(odp_server: FakeOdpServer, make: Callable[..., Real],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                  monkeypatch: pytest.MonkeyPatch, form: str,
+                                                  credentials: Optional[bytes]) -> None:
     with LoopbackProxy() as proxy:
-        monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("http://", "http://user:s%40cret@"))
+        monkeypatch.setenv("HTTP_PROXY", form.format(proxy.url[len("http://"):]))
         body = _body(2)
         transport = make()
         statuses = [transport.send(events_url(odp_server.url), TEST_KEY, body, TIMEOUT).status for _ in range(2)]
     assert statuses == [202, 202]
     assert [r.body for r in odp_server.requests] == [body, body]
-    expected = "Basic " + base64.b64encode(b"user:s@cret").decode()
+    expected = None if credentials is None else "Basic " + base64.b64encode(credentials).decode()
     assert proxy.seen == [("POST", events_url(odp_server.url), expected)] * 2
 
 
@@ -280,15 +283,18 @@ def test_the_environment_is_read_once_per_url(odp_server: FakeOdpServer, make: C
     assert transport.send(events_url(odp_server.url), TEST_KEY, _body(), TIMEOUT).status == 202
 
 
-def test_socks_proxies_are_left_to_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_socks_proxies_are_left_to_requests_and_http_ones_are_not(odp_server: FakeOdpServer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:9")
     transport = Urllib3Transport()
     try:
         url = "http://127.0.0.1:9/v3/events"
         reply = transport.send(url, TEST_KEY, _body(), (0.5, 0.5))
         assert reply.status == 0  # PySocks missing or nothing listening: a failed attempt, never a raise
-        route = transport._routes[url]
-        assert isinstance(route.fallback, RequestsTransport)
+        assert isinstance(transport._routes[url].fallback, RequestsTransport)
+        monkeypatch.setenv("HTTP_PROXY", "127.0.0.1:9")  # read for a URL not seen yet
+        assert transport.send(events_url(odp_server.url), TEST_KEY, _body(), TIMEOUT).status == 0
+        assert transport._routes[events_url(odp_server.url)].fallback is None
     finally:
         transport.close()
 
