@@ -19,7 +19,8 @@ One ``FakeOdpServer`` on 127.0.0.1 in this process; every run is a fresh ``bench
 2. **raw stacks**: pre-encoded batches of 100 POSTed over one keep-alive connection by ``http.client``,
    ``urllib3``, ``requests`` and our two transports: client CPU per event of the HTTP layer alone.
 3. **latency sweep**: the server adds 0, 20, 50 and 150 ms to every request (``set_latency``);
-   ``--sweep-events`` (10,000) for the floor and ours through each transport.
+   ``--sweep-events`` (10,000) for the floor, ours through each transport, and (for phase 2's adaptive
+   concurrency) ours through urllib3 with ``max_in_flight=16``: what more requests in flight allow.
 
 The section between the ``lean-benchmark`` markers of ``RESULTS.md`` is rewritten; the rest is
 ``run.py``'s and ``import_bench.py``'s.
@@ -40,14 +41,17 @@ from bench_tables import load_average
 BEGIN, END = "<!-- lean-benchmark:begin -->", "<!-- lean-benchmark:end -->"
 OPTIONS = {"queue_capacity": 60_000}
 # label -> (worker target, extra config)
-END_TO_END: Dict[str, Tuple[str, Dict[str, Any]]] = {
+VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "floor": ("floor_http", {}),
     "ours (urllib3)": ("ours", {"transport": "urllib3"}),
     "ours (requests)": ("ours", {"transport": "requests"}),
     "sdk": ("sdk", {}),
+    # Sweep only, for phase 2 (adaptive concurrency): what more requests in flight allow over a slow link.
+    "ours (urllib3), max_in_flight=16": ("ours", {"transport": "urllib3", "options": {"max_in_flight": 16}}),
 }
+E2E = ("floor", "ours (urllib3)", "ours (requests)", "sdk")
 STACKS = ("http.client", "urllib3", "requests", "Urllib3Transport", "RequestsTransport")
-SWEEP = ("floor", "ours (urllib3)", "ours (requests)")
+SWEEP = ("floor", "ours (urllib3)", "ours (requests)", "ours (urllib3), max_in_flight=16")
 LATENCIES = (0.0, 0.02, 0.05, 0.15)
 
 
@@ -66,7 +70,8 @@ def figures(result: Dict[str, Any]) -> Dict[str, Any]:
 
 class Lean(Runner):
     def one(self, label: str, target: str, extra: Dict[str, Any], latency: float, events: int) -> Dict[str, Any]:
-        cfg = self.cfg(target, "throughput", dict(OPTIONS), events=events,
+        extra = dict(extra)
+        cfg = self.cfg(target, "throughput", {**OPTIONS, **extra.pop("options", {})}, events=events,
                        deadline=self.settings.deliver_deadline, **extra)
         started = time.monotonic()
         result = run_one(self.server, cfg, latency, self.settings)
@@ -75,10 +80,11 @@ class Lean(Runner):
         return out
 
     def end_to_end(self, events: int) -> Dict[str, List[Dict[str, Any]]]:
-        runs: Dict[str, List[Dict[str, Any]]] = {label: [] for label in END_TO_END}
+        runs: Dict[str, List[Dict[str, Any]]] = {label: [] for label in E2E}
         for index in range(self.settings.repeats):
             self.say(f"end to end, run {index + 1}/{self.settings.repeats}")
-            for label, (target, extra) in END_TO_END.items():
+            for label in E2E:
+                target, extra = VARIANTS[label]
                 runs[label].append(self.one(label, target, extra, 0.0, events))
         return runs
 
@@ -97,7 +103,7 @@ class Lean(Runner):
             self.say(f"latency sweep, run {index + 1}/{self.settings.repeats}")
             for latency in LATENCIES:
                 for label in SWEEP:
-                    target, extra = END_TO_END[label]
+                    target, extra = VARIANTS[label]
                     runs[f"{latency * 1000:g}"][label].append(self.one(label, target, extra, latency, events))
         return runs
 
@@ -162,12 +168,12 @@ def report(args: argparse.Namespace, command: str, results: Dict[str, Any], load
     if "sweep" in results:
         out += [f"### Latency sweep: {args.sweep_events:,} events, the server adding latency to every request", ""]
         header = "| latency | " + " | ".join(f"{label} events/s" for label in SWEEP) + \
-                 " | ours (urllib3) ÷ floor | ours (urllib3) ÷ ours (requests) |"
-        out += [header, "| --- " * (len(SWEEP) + 3) + "|"]
+                 " | ours (urllib3) ÷ floor | ours (urllib3) ÷ ours (requests) | max_in_flight=16 ÷ ours (requests) |"
+        out += [header, "| --- " * (len(SWEEP) + 4) + "|"]
         for ms, group in results["sweep"].items():
             rates = [median(group[label], "events_s") for label in SWEEP]
             out.append(f"| {ms} ms | " + " | ".join(spread(group[label], "events_s", ",.0f") for label in SWEEP) +
-                       f" | {ratio(rates[1], rates[0])} | {ratio(rates[1], rates[2])} |")
+                       f" | {ratio(rates[1], rates[0])} | {ratio(rates[1], rates[2])} | {ratio(rates[3], rates[2])} |")
         out.append("")
     for label, group in results.get("end_to_end", {}).items():  # which stack really sent, as the server saw it
         agents = sorted({a for r in group for a in r.get("agents", [])})
