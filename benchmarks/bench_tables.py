@@ -266,11 +266,12 @@ def verdict_line(ok: bool, text: str) -> str:
 # import_bench.py writes its own section into the same file, between these markers; run.py keeps it.
 IMPORT_BEGIN, IMPORT_END = "<!-- import-benchmark:begin -->", "<!-- import-benchmark:end -->"
 # Sections other scripts write into the results file, kept when run.py rewrites the rest.
-KEPT_SECTIONS = ((IMPORT_BEGIN, IMPORT_END), ("<!-- lean-benchmark:begin -->", "<!-- lean-benchmark:end -->"))
+KEPT_SECTIONS = ((IMPORT_BEGIN, IMPORT_END), ("<!-- lean-benchmark:begin -->", "<!-- lean-benchmark:end -->"),
+                 ("<!-- adaptive-benchmark:begin -->", "<!-- adaptive-benchmark:end -->"))
 
 
 def write_results(text: str, path: str) -> None:
-    """Writes ``text`` to ``path``, keeping the sections ``import_bench.py`` and ``lean_bench.py`` wrote there."""
+    """Writes ``text`` to ``path``, keeping the sections the other scripts wrote there (KEPT_SECTIONS)."""
     try:
         with open(path, encoding="utf-8") as handle:
             old = handle.read()

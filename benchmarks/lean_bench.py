@@ -183,14 +183,15 @@ def report(args: argparse.Namespace, command: str, results: Dict[str, Any], load
     return "\n".join(out) + "\n"
 
 
-def write_section(section: str, path: str) -> None:
+def write_section(section: str, path: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the section between ``begin`` and ``end`` in ``path`` (appends it the first time)."""
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except FileNotFoundError:
         text = ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end) + 1:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w", encoding="utf-8") as handle:

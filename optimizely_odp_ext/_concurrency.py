@@ -11,8 +11,13 @@ Over a slow link a fixed number of requests in flight caps throughput at about
   nothing pushed back, and the window's RTT was no worse than the past mean;
 * **multiplicative decrease**: x ``decrease_ratio`` (0.9, rounded down, at least 1) when a reply
   pushed back (429, 503 and other 5xx, 408, a timeout or a network error) or the window's RTT rose past
-  the mean plus ``deviation_scale`` (2.5) deviations;
-* the limit stays within ``1 .. ceiling``; ``ceiling`` is the user's ``max_in_flight``.
+  the mean plus ``deviation_scale`` (2.5) deviations, or a tenth of the mean if more (a deviation learnt
+  from a few flat windows is near zero, and jitter would otherwise count as a rise);
+* the limit stays within ``1 .. ceiling``; ``ceiling`` is the user's ``max_in_flight``;
+* **slow start** (TCP's, not Vector's; on by default): until the first decrease the limit doubles per
+  window instead of growing by one, as long as the window's RTT stays within the mean plus
+  ``deviation_scale`` deviations. ``benchmarks/adaptive_bench.py`` showed +1 per round trip too slow
+  for a burst of a few seconds at 50 ms.
 
 Pure logic with an injectable clock; thread-safe (every sender reports to one controller). It does not
 send, wait or retry: back-pressure and retries stay where they are (the scheduler and retry policy).
@@ -42,10 +47,12 @@ class AdaptiveConcurrency:
         decrease_ratio: The factor applied on back-pressure.
         ewma_alpha: Weight of the newest window in the past mean and deviation.
         deviation_scale: How many deviations above the past mean count as rising latency.
+        slow_start: Double the limit per window until the first decrease.
     """
 
     def __init__(self, ceiling: int, initial: int = 1, *, clock: Callable[[], float] = time.monotonic,
-                 decrease_ratio: float = 0.9, ewma_alpha: float = 0.4, deviation_scale: float = 2.5) -> None:
+                 decrease_ratio: float = 0.9, ewma_alpha: float = 0.4, deviation_scale: float = 2.5,
+                 slow_start: bool = True) -> None:
         if ceiling < 1:
             raise ValueError(f"ceiling must be >= 1, got {ceiling}")
         if not 0.0 < decrease_ratio < 1.0 or not 0.0 < ewma_alpha <= 1.0 or deviation_scale < 0:
@@ -65,6 +72,7 @@ class AdaptiveConcurrency:
         self._window_end: Optional[float] = None
         self._reached_limit = False
         self._pushed_back = False
+        self._slow_start = slow_start
 
     @property
     def limit(self) -> int:
@@ -119,12 +127,16 @@ class AdaptiveConcurrency:
         """Judges the window that just ended and starts the next one (under the lock)."""
         current = self._window_sum / self._window_count if self._window_count else None
         past = self._past_mean
-        if self._pushed_back:
+        # A deviation learnt from a few flat windows is near zero: jitter under a tenth of the RTT is not a rise.
+        rising = (current is not None and past is not None
+                  and current > past + max(self._scale * self._past_deviation, 0.1 * past))
+        if self._pushed_back or rising:
             self._limit = max(int(self._limit * self._decrease), 1)
-        elif current is not None and past is not None:
-            if current > past + self._scale * self._past_deviation:
-                self._limit = max(int(self._limit * self._decrease), 1)
-            elif current <= past and self._reached_limit and self._limit < self._ceiling:
+            self._slow_start = False
+        elif current is not None and past is not None and self._reached_limit and self._limit < self._ceiling:
+            if self._slow_start:
+                self._limit = min(self._limit * 2, self._ceiling)
+            elif current <= past:
                 self._limit += 1
         if current is not None:
             if past is None:

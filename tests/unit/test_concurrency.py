@@ -32,7 +32,7 @@ def round_trip(control: AdaptiveConcurrency, clock: Clock, rtt: float, status: C
 
 def test_the_limit_grows_by_one_per_round_trip_while_rtt_stays_flat_up_to_the_ceiling() -> None:
     clock = Clock()
-    control = AdaptiveConcurrency(ceiling=12, initial=4, clock=clock)
+    control = AdaptiveConcurrency(ceiling=12, initial=4, clock=clock, slow_start=False)
     limits: List[int] = []
     for _ in range(20):
         round_trip(control, clock, 0.05)
@@ -86,12 +86,24 @@ def test_rising_latency_decreases_the_limit() -> None:
         round_trip(control, clock, 0.052)
     settled = control.limit
     round_trip(control, clock, 0.200)  # the link is saturating: RTT far past mean + 2.5 deviations
+    round_trip(control, clock, 0.200)  # (the first slow reply closed the window before; this one is judged)
     assert control.limit == int(settled * 0.9)
+
+
+def test_jitter_under_a_tenth_of_the_rtt_is_not_a_rise() -> None:
+    clock = Clock()
+    control = AdaptiveConcurrency(ceiling=64, initial=8, clock=clock, slow_start=False)
+    for _ in range(4):  # perfectly flat: the deviation is zero
+        round_trip(control, clock, 0.050)
+    flat = control.limit
+    for _ in range(4):
+        round_trip(control, clock, 0.054)  # +8%: noise, no cut
+    assert control.limit >= flat
 
 
 def test_one_adjustment_per_window_however_many_replies() -> None:
     clock = Clock()
-    control = AdaptiveConcurrency(ceiling=100, initial=10, clock=clock)
+    control = AdaptiveConcurrency(ceiling=100, initial=10, clock=clock, slow_start=False)
     for _ in range(3):  # the first window opens, the second learns the RTT, the third grows
         round_trip(control, clock, 0.1)
     assert control.limit == 11
@@ -153,3 +165,29 @@ def test_threads_sharing_one_controller_never_exceed_the_limit() -> None:
     assert not any(thread.is_alive() for thread in threads)
     assert 1 <= peak[0] <= 6
     assert control.in_flight == 0
+
+
+def test_slow_start_doubles_per_round_trip_until_the_first_decrease_then_grows_by_one() -> None:
+    clock = Clock()
+    control = AdaptiveConcurrency(ceiling=40, initial=2, clock=clock)
+    limits: List[int] = []
+    for _ in range(5):
+        round_trip(control, clock, 0.05)
+        limits.append(control.limit)
+    assert limits == [2, 2, 4, 8, 16]  # the window opens, learns the RTT, then doubles
+    round_trip(control, clock, 0.05, status=lambda i: 429 if i == 0 else 202)
+    assert control.limit == 14  # 16 x 0.9, and slow start is over
+    for _ in range(4):
+        round_trip(control, clock, 0.05)
+    assert 14 < control.limit <= 18  # one at a time now, only in windows no slower than the mean
+    assert control.limit <= 40
+
+
+def test_slow_start_stops_at_the_ceiling_and_on_rising_latency() -> None:
+    clock = Clock()
+    control = AdaptiveConcurrency(ceiling=10, initial=4, clock=clock)
+    for _ in range(6):
+        round_trip(control, clock, 0.05)
+    assert control.limit == 10
+    round_trip(control, clock, 0.5)
+    assert control.limit == 9
