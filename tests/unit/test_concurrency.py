@@ -1,13 +1,21 @@
-"""Unit tests for optimizely_odp_ext._concurrency: the AIMD in-flight limit, on a fake clock."""
+"""Unit tests for optimizely_odp_ext._concurrency: the AIMD in-flight limit, on a fake clock; and the
+senders (optimizely_odp_ext._senders) keeping to it, with a fake transport."""
 
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 
+from optimizely_odp_ext._batch import Target, _Batch
 from optimizely_odp_ext._concurrency import AdaptiveConcurrency, pushes_back
+from optimizely_odp_ext._senders import Senders
+from optimizely_odp_ext._threads import Wake
+from optimizely_odp_ext.event import Encoded
+from optimizely_odp_ext.settings import make_options
+from optimizely_odp_ext.transport import Reply
 
 
 class Clock:
@@ -191,3 +199,67 @@ def test_slow_start_stops_at_the_ceiling_and_on_rising_latency() -> None:
     assert control.limit == 10
     round_trip(control, clock, 0.5)
     assert control.limit == 9
+
+
+# ----------------------------------------------------------------- wired into the senders
+
+
+class _CountingTransport:
+    """Answers ``status`` after ``delay`` seconds (a barrier-free sleep standing in for the network's
+    round trip, which is what the limit measures) and records how many requests overlapped."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.status = 202
+        self.lock = threading.Lock()
+        self.live = 0
+        self.peaks: List[int] = []
+
+    def send(self, url: str, api_key: str, body: bytes, timeout: Tuple[float, float]) -> Reply:
+        with self.lock:
+            self.live += 1
+            self.peaks.append(self.live)
+        time.sleep(self.delay)
+        with self.lock:
+            self.live -= 1
+        return Reply(self.status, None, "")
+
+    def close(self) -> None:
+        pass
+
+
+def _run_batches(senders: Senders, wake: Wake, count: int) -> None:
+    """Submits ``count`` batches and takes their replies as the worker does: woken by each (bounded)."""
+    target = Target("http://127.0.0.1:9", "key", "http://127.0.0.1:9/v3/events")
+    for i in range(count):
+        senders.submit(_Batch([Encoded(b"{}", f"id-{i}")], target))
+    taken, deadline = 0, time.monotonic() + 60
+    while taken < count and time.monotonic() < deadline:
+        if senders.take() is None:
+            wake.wait(1.0)
+        else:
+            taken += 1
+    assert taken == count
+
+
+def test_senders_send_fewer_at_once_after_push_back_and_never_more_than_max_in_flight() -> None:
+    transport = _CountingTransport(delay=0.02)
+    options = make_options(api_host="https://api.zaius.com", api_key="k" * 12, max_in_flight=8)
+    wake = Wake()
+    senders = Senders(options, lambda _options: transport, wake)
+    senders.start()
+    try:
+        assert senders.limit() == 8  # today's concurrency to begin with
+        _run_batches(senders, wake, 32)
+        assert max(transport.peaks) <= 8
+        transport.status = 503
+        _run_batches(senders, wake, 48)  # push-back, window after window
+        cut = senders.limit()
+        assert cut < 8
+        transport.status = 202
+        transport.peaks.clear()
+        _run_batches(senders, wake, 8)  # handed over all at once: only the limit goes on the wire together
+        assert max(transport.peaks) <= senders.limit() + 1  # +1: the limit may grow within the round
+        assert max(transport.peaks) < 8
+    finally:
+        senders.stop()
