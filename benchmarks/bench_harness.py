@@ -195,6 +195,7 @@ def server_view(server: FakeOdpServer, tag: str, sent: int, latency: float) -> D
         "requests": len(requests),
         "statuses": statuses,
         "connections": server.connection_count,
+        "agents": sorted({str(r.headers.get("user-agent")) for r in requests}),
         "t_last_event": (max(r.received_at for r in accepted) + latency) if accepted else None,
     }
 

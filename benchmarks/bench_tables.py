@@ -265,17 +265,21 @@ def verdict_line(ok: bool, text: str) -> str:
 
 # import_bench.py writes its own section into the same file, between these markers; run.py keeps it.
 IMPORT_BEGIN, IMPORT_END = "<!-- import-benchmark:begin -->", "<!-- import-benchmark:end -->"
+# Sections other scripts write into the results file, kept when run.py rewrites the rest.
+KEPT_SECTIONS = ((IMPORT_BEGIN, IMPORT_END), ("<!-- lean-benchmark:begin -->", "<!-- lean-benchmark:end -->"),
+                 ("<!-- adaptive-benchmark:begin -->", "<!-- adaptive-benchmark:end -->"))
 
 
 def write_results(text: str, path: str) -> None:
-    """Writes ``text`` to ``path``, keeping the section ``import_bench.py`` wrote there (if any)."""
+    """Writes ``text`` to ``path``, keeping the sections the other scripts wrote there (KEPT_SECTIONS)."""
     try:
         with open(path, encoding="utf-8") as handle:
             old = handle.read()
     except FileNotFoundError:
         old = ""
     kept = ""
-    if IMPORT_BEGIN in old and IMPORT_END in old:
-        kept = old[old.index(IMPORT_BEGIN):old.index(IMPORT_END) + len(IMPORT_END)] + "\n"
+    for begin, end in KEPT_SECTIONS:
+        if begin in old and end in old:
+            kept += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text + ("\n" + kept if kept else ""))
+        handle.write(text + kept)

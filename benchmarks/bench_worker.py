@@ -393,6 +393,13 @@ def main() -> int:
     cfg = json.loads(sys.argv[1])
     if cfg["target"] == "bare":
         return run_ceiling(cfg)
+    if cfg["target"] in ("floor_http", "stack") or cfg.get("transport"):
+        import lean_worker  # the lean-path benchmark (lean_bench.py): the floor, raw stacks, a transport
+
+        if cfg["target"] in ("floor_http", "stack"):
+            run = lean_worker.run_floor if cfg["target"] == "floor_http" else lean_worker.run_stack
+            return run(cfg, emit, wait_command, make_args)
+        lean_worker.use_transport(cfg["transport"])
     target: Any = (FloorTarget() if cfg["target"] == "floor" else
                    Target(cfg["target"], cfg["url"], cfg["key"], cfg.get("options") or {}))
     scenario = cfg["scenario"]

@@ -4,6 +4,11 @@ A component that owns its state: the worker hands a batch over with :meth:`Sende
 ``(batch, reply)`` back with :meth:`Senders.take`; it never reads the pool's insides. Senders touch
 no delivery state: they make one request per batch, and the worker decides what the reply means.
 The hand-offs between the threads are the two deques below, a semaphore and the worker's wake-up.
+
+How many of the handed-over batches are on the wire at once is the adaptive limit's
+(:mod:`._concurrency`): it starts at ``max_in_flight`` (today's concurrency, never more), is cut on
+push-back (429, 5xx, 408, timeouts, network errors) or rising round trips, and grows back by one per
+round trip. A sender with a batch waits for a slot (a condition, each wait bounded) before it sends.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from ._batch import _Batch
+from ._concurrency import AdaptiveConcurrency
 from ._threads import Wake, start_quiet
 from .event import join
 from .retry import NETWORK_ERROR
@@ -32,8 +39,8 @@ class Senders:
         wake: Set after each reply, to wake the worker.
     """
 
-    __slots__ = ("_batches", "_factory", "_flying", "_options", "_ready", "_replies", "_threads", "_timeout",
-                 "_transport", "_wake", "events")
+    __slots__ = ("_batches", "_control", "_factory", "_flying", "_options", "_ready", "_replies", "_slot",
+                 "_threads", "_timeout", "_transport", "_wake", "events")
 
     def __init__(self, options: Options, transport_factory: Callable[[Options], Transport], wake: Wake) -> None:
         self._options = options
@@ -46,6 +53,10 @@ class Senders:
         self._batches: Deque[Optional[_Batch]] = collections.deque()
         self._ready = threading.Semaphore(0)
         self._replies: Deque[Tuple[_Batch, Reply]] = collections.deque()
+        # Which of the senders holding a batch may send now; waiters are woken on every reply.
+        self._control = AdaptiveConcurrency(ceiling=options.max_in_flight, initial=options.max_in_flight,
+                                            slow_start=False)
+        self._slot = threading.Condition()
         # Written by the worker (or the close's finisher) under the ledger only.
         self._flying: Dict[int, _Batch] = {}  # handed over, reply not taken yet
         self.events = 0  # events in those batches
@@ -56,6 +67,7 @@ class Senders:
             return  # started: in use (never the case: _start() remakes before it starts them)
         self._wake = wake
         self._ready = threading.Semaphore(0)
+        self._slot = threading.Condition()
 
     def start(self) -> None:
         """Builds the transport and starts the threads (the caller holds the manager's start lock).
@@ -102,6 +114,10 @@ class Senders:
         """Batches handed over whose reply was not taken yet."""
         return len(self._flying)
 
+    def limit(self) -> int:
+        """How many requests may be on the wire now (the adaptive limit, at most ``max_in_flight``)."""
+        return self._control.limit
+
     def let_go(self) -> List[_Batch]:
         """At close: the batches still in flight, no longer ours (a reply to them is never taken)."""
         flying = list(self._flying.values())
@@ -119,13 +135,35 @@ class Senders:
             if next_batch is None:
                 return
             batch = next_batch
-            transport = self._transport
-            if transport is None:
-                reply = Reply(NETWORK_ERROR, None, "transport closed")
-            else:
-                try:
-                    reply = transport.send(batch.target.url, batch.target.key, join(batch.events), self._timeout)
-                except Exception as exc:  # a transport must not raise; if one does, it is a failed attempt
-                    reply = Reply(NETWORK_ERROR, None, f"{exc.__class__.__name__}: {exc}")
-            self._replies.append((batch, reply))
+            self._replies.append((batch, self._send(batch)))
             self._wake.set()
+
+    def _send(self, batch: _Batch) -> Reply:
+        """One request for ``batch``, once the adaptive limit has a slot for it."""
+        slot = self._slot
+        with slot:
+            # Bounded: a slot frees when another sender's request ends (its timeouts bound it); past
+            # this many waits the batch goes anyway, as it would have before the limit existed.
+            for _ in range(int((self._timeout[0] + self._timeout[1]) * 20) + 1):
+                if self._control.try_acquire():
+                    acquired = True
+                    break
+                slot.wait(0.05)
+            else:
+                acquired = False
+        started = time.monotonic()
+        transport = self._transport
+        if transport is None:
+            reply = Reply(NETWORK_ERROR, None, "transport closed")
+        else:
+            try:
+                reply = transport.send(batch.target.url, batch.target.key, join(batch.events), self._timeout)
+            except Exception as exc:  # a transport must not raise; if one does, it is a failed attempt
+                reply = Reply(NETWORK_ERROR, None, f"{exc.__class__.__name__}: {exc}")
+        if acquired:
+            # A closed transport is no news about the link: its slot is given back without a verdict.
+            self._control.release(time.monotonic() - started if transport is not None else None,
+                                  reply.status if transport is not None else 202)
+            with slot:
+                slot.notify()
+        return reply

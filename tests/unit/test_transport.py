@@ -1,6 +1,7 @@
 """Unit tests for optimizely_odp_ext.transport: host checks, key masking, and the real HTTP transport.
 
-The RequestsTransport tests talk real HTTP to the FakeOdpServer on loopback.
+The transport tests run for each real transport (Urllib3Transport, the default, and RequestsTransport)
+and talk real HTTP to the FakeOdpServer on loopback; proxies and TLS are in test_transport_env.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import re
 import socket
 import time
-from typing import Iterator, List
+from typing import Callable, List
 
 import pytest
 
@@ -28,6 +29,7 @@ from optimizely_odp_ext.transport import (
     user_agent,
 )
 from tests.conftest import TEST_KEY
+from tests.unit.conftest import Real
 
 TIMEOUT = (2.0, 2.0)
 
@@ -108,10 +110,11 @@ def test_user_agent() -> None:
     assert agent.startswith(f"optimizely-odp-ext/{__version__} ")
     assert f" optimizely-sdk/{_compat.sdk_version()} " in agent
     assert " python/" in agent
-    assert " requests/" in agent
+    assert agent.endswith(" requests/" + __import__("requests").__version__)
+    assert user_agent("urllib3/9.9").endswith(" python/" + __import__("platform").python_version() + " urllib3/9.9")
 
 
-# ----------------------------------------------------------------- RequestsTransport, real HTTP
+# ----------------------------------------------------------------- the real transports, real HTTP
 
 
 def _body(count: int = 1) -> bytes:
@@ -121,13 +124,11 @@ def _body(count: int = 1) -> bytes:
 
 
 @pytest.fixture
-def transport() -> Iterator[RequestsTransport]:
-    t = RequestsTransport()
-    yield t
-    t.close()
+def transport(make: Callable[..., Real]) -> Real:
+    return make()
 
 
-def test_202(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
+def test_202(odp_server: FakeOdpServer, transport: Real) -> None:
     body = _body(3)
     reply = transport.send(events_url(odp_server.url), TEST_KEY, body, TIMEOUT)
     assert reply == Reply(202, None, "")
@@ -137,17 +138,18 @@ def test_202(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
     assert request.body == body
 
 
-def test_headers(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
+def test_headers(odp_server: FakeOdpServer, transport: Real) -> None:
     transport.send(events_url(odp_server.url), TEST_KEY, _body(), TIMEOUT)
     [request] = odp_server.requests
     assert request.headers["content-type"] == "application/json"
     assert request.headers["x-api-key"] == TEST_KEY
-    assert request.headers["user-agent"] == user_agent()
+    assert request.headers["user-agent"] == transport.user_agent
+    assert transport.user_agent.startswith(user_agent("x")[:-1])
     assert request.headers["user-agent"].startswith("optimizely-odp-ext/")
     assert "content-encoding" not in request.headers
 
 
-def test_wrong_key_is_401(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
+def test_wrong_key_is_401(odp_server: FakeOdpServer, transport: Real) -> None:
     reply = transport.send(events_url(odp_server.url), "wrong-key-000000", _body(), TIMEOUT)
     assert reply.status == 401
     assert reply.retry_after is None
@@ -157,7 +159,7 @@ def test_wrong_key_is_401(odp_server: FakeOdpServer, transport: RequestsTranspor
 
 
 def test_detail_of_a_400_is_the_servers_body_truncated(odp_server: FakeOdpServer,
-                                                       transport: RequestsTransport) -> None:
+                                                       transport: Real) -> None:
     odp_server.reject_events(lambda e: True)
     reply = transport.send(events_url(odp_server.url), TEST_KEY, _body(40), TIMEOUT)
     assert reply.status == 400
@@ -165,7 +167,7 @@ def test_detail_of_a_400_is_the_servers_body_truncated(odp_server: FakeOdpServer
     assert re.search(r'"status":\s*400', reply.detail)
 
 
-def test_network_error_on_a_closed_port(transport: RequestsTransport) -> None:
+def test_network_error_on_a_closed_port(transport: Real) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -177,13 +179,14 @@ def test_network_error_on_a_closed_port(transport: RequestsTransport) -> None:
     assert TEST_KEY not in reply.detail
 
 
-def test_invalid_url_is_a_failed_attempt_not_an_exception(transport: RequestsTransport) -> None:
+def test_invalid_url_is_a_failed_attempt_not_an_exception(transport: Real) -> None:
     reply = transport.send("nonsense://x/v3/events", TEST_KEY, _body(), TIMEOUT)
     assert reply.status == 0
-    assert reply.detail.startswith("InvalidSchema: ")
+    expected = "InvalidSchema: " if isinstance(transport, RequestsTransport) else "URLSchemeUnknown: "
+    assert reply.detail.startswith(expected)
 
 
-def test_timeout(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
+def test_timeout(odp_server: FakeOdpServer, transport: Real) -> None:
     odp_server.hang_next(1)  # until the server stops: only the client's read timeout ends the request
     reply = transport.send(events_url(odp_server.url), TEST_KEY, _body(), (1.0, 0.2))
     assert reply == Reply(0, None, "timeout")
@@ -192,14 +195,14 @@ def test_timeout(odp_server: FakeOdpServer, transport: RequestsTransport) -> Non
 
 
 @pytest.mark.parametrize("status", [429, 503])
-def test_retry_after_seconds(odp_server: FakeOdpServer, transport: RequestsTransport, status: int) -> None:
+def test_retry_after_seconds(odp_server: FakeOdpServer, transport: Real, status: int) -> None:
     odp_server.fail_next(1, status, retry_after="7")
     reply = transport.send(events_url(odp_server.url), TEST_KEY, _body(), TIMEOUT)
     assert reply.status == status
     assert reply.retry_after == 7.0
 
 
-def test_retry_after_http_date(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
+def test_retry_after_http_date(odp_server: FakeOdpServer, transport: Real) -> None:
     odp_server.rate_limit_next(1, email.utils.formatdate(time.time() + 120, usegmt=True))
     reply = transport.send(events_url(odp_server.url), TEST_KEY, _body(), TIMEOUT)
     assert reply.status == 429
@@ -207,19 +210,15 @@ def test_retry_after_http_date(odp_server: FakeOdpServer, transport: RequestsTra
     assert 100.0 < reply.retry_after <= 120.0
 
 
-def test_garbage_retry_after_is_none(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
+def test_garbage_retry_after_is_none(odp_server: FakeOdpServer, transport: Real) -> None:
     odp_server.rate_limit_next(1, "later")
     reply = transport.send(events_url(odp_server.url), TEST_KEY, _body(), TIMEOUT)
     assert (reply.status, reply.retry_after) == (429, None)
 
 
-def test_gzip(odp_server: FakeOdpServer) -> None:
-    transport = RequestsTransport(gzip_body=True)
-    try:
-        body = _body(5)
-        reply = transport.send(events_url(odp_server.url), TEST_KEY, body, TIMEOUT)
-    finally:
-        transport.close()
+def test_gzip(odp_server: FakeOdpServer, make: Callable[..., Real]) -> None:
+    body = _body(5)
+    reply = make(gzip_body=True).send(events_url(odp_server.url), TEST_KEY, body, TIMEOUT)
     assert reply.status == 202
     [request] = odp_server.requests
     assert request.headers["content-encoding"] == "gzip"
@@ -229,7 +228,7 @@ def test_gzip(odp_server: FakeOdpServer) -> None:
 
 
 def test_one_keep_alive_connection_for_sequential_requests(odp_server: FakeOdpServer,
-                                                          transport: RequestsTransport) -> None:
+                                                          transport: Real) -> None:
     statuses: List[int] = []
     for _ in range(5):
         statuses.append(transport.send(events_url(odp_server.url), TEST_KEY, _body(), TIMEOUT).status)
@@ -239,7 +238,7 @@ def test_one_keep_alive_connection_for_sequential_requests(odp_server: FakeOdpSe
     assert len(odp_server.events) == 5
 
 
-def test_keep_alive_survives_error_replies(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
+def test_keep_alive_survives_error_replies(odp_server: FakeOdpServer, transport: Real) -> None:
     odp_server.fail_next(1, 503)
     url = events_url(odp_server.url)
     statuses = [transport.send(url, TEST_KEY, _body(), TIMEOUT).status for _ in range(2)]
@@ -248,14 +247,15 @@ def test_keep_alive_survives_error_replies(odp_server: FakeOdpServer, transport:
     assert odp_server.connection_count == 1
 
 
-def test_unknown_path_is_a_status_not_an_exception(odp_server: FakeOdpServer, transport: RequestsTransport) -> None:
+def test_unknown_path_is_a_status_not_an_exception(odp_server: FakeOdpServer, transport: Real) -> None:
     reply = transport.send(odp_server.url + "/elsewhere", TEST_KEY, _body(), TIMEOUT)
     assert reply.status == 404
     assert odp_server.events == []
 
 
-def test_close_drops_the_pooled_connection_and_is_harmless_twice(odp_server: FakeOdpServer) -> None:
-    transport = RequestsTransport()
+def test_close_drops_the_pooled_connection_and_is_harmless_twice(odp_server: FakeOdpServer,
+                                                                 make: Callable[..., Real]) -> None:
+    transport = make()
     url = events_url(odp_server.url)
     assert transport.send(url, TEST_KEY, _body(), TIMEOUT).status == 202
     assert transport.send(url, TEST_KEY, _body(), TIMEOUT).status == 202  # kept alive: the same connection
