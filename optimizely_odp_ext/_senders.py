@@ -54,8 +54,7 @@ class Senders:
         self._ready = threading.Semaphore(0)
         self._replies: Deque[Tuple[_Batch, Reply]] = collections.deque()
         # Which of the senders holding a batch may send now; waiters are woken on every reply.
-        self._control = AdaptiveConcurrency(ceiling=options.max_in_flight, initial=options.max_in_flight,
-                                            slow_start=False)
+        self._control = self._new_control()
         self._slot = threading.Condition()
         # Written by the worker (or the close's finisher) under the ledger only.
         self._flying: Dict[int, _Batch] = {}  # handed over, reply not taken yet
@@ -68,6 +67,11 @@ class Senders:
         self._wake = wake
         self._ready = threading.Semaphore(0)
         self._slot = threading.Condition()
+        self._control = self._new_control()  # its lock too
+
+    def _new_control(self) -> AdaptiveConcurrency:
+        limit = self._options.max_in_flight
+        return AdaptiveConcurrency(ceiling=limit, initial=limit, slow_start=False)
 
     def start(self) -> None:
         """Builds the transport and starts the threads (the caller holds the manager's start lock).

@@ -21,7 +21,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .manager import EventManager
 from .settings import Options, make_options
-from .transport import Reply, RequestsTransport, Timeout, Transport
+from .transport import Reply, Timeout, Transport, default_transport
 
 # uuid.NAMESPACE_URL's bytes (RFC 4122, appendix C).
 NAMESPACE_URL = bytes.fromhex("6ba7b8119dad11d180b400c04fd430c8")
@@ -175,7 +175,7 @@ class AckingTransport:
     """
 
     def __init__(self, options: Options, acks: Optional[Acks]) -> None:
-        self._inner: Transport = RequestsTransport(pool_size=options.max_in_flight, gzip_body=options.gzip)
+        self._inner: Transport = default_transport(options)
         self._acks = acks
         self.last_failure: Optional[Reply] = None
 

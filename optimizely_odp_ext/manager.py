@@ -50,7 +50,7 @@ from .event import default_data
 from .retry import RetryPolicy
 from .settings import Options
 from .spool import Spool, open_spool
-from .transport import RequestsTransport, Transport, check_host, events_url, mask_key
+from .transport import Transport, check_host, default_transport, events_url, mask_key
 
 __all__ = ["DROP_REASONS", "INTEGRATED", "NOT_INTEGRATED", "REFUSED", "REFUSE_REASONS", "SPOOL_INTERVAL",
            "UNDETERMINED", "EventManager", "OdpEventStats", "TransportFactory", "no_stats"]
@@ -65,7 +65,7 @@ TransportFactory = Callable[[Options], Transport]
 
 
 def _default_transport(options: Options) -> Transport:
-    return RequestsTransport(pool_size=options.max_in_flight, gzip_body=options.gzip)
+    return default_transport(options)  # urllib3's pool directly (see transport)
 
 
 class EventManager(CallerQueue, Scheduler):

@@ -230,15 +230,15 @@ class Urllib3Transport:
             response = route.pool.urlopen("POST", url, body=body, headers=headers, timeout=limits,
                                           retries=False, redirect=False, preload_content=True)
         except NewConnectionError as exc:  # a subclass of ConnectTimeoutError, but a refusal, not a timeout
-            return Reply(NETWORK_ERROR, None, f"network error: {_short(exc)}")
+            return Reply(NETWORK_ERROR, None, f"network error: {_short(exc, named=True)}")
         except ProxyError as exc:
-            return Reply(NETWORK_ERROR, None, f"network error: {_short(exc)}")
+            return Reply(NETWORK_ERROR, None, f"network error: {_short(exc, named=True)}")
         except _Urllib3Timeout:
             return Reply(NETWORK_ERROR, None, "timeout")
         except LocationValueError as exc:  # not a URL we can send to: no network involved
             return Reply(NETWORK_ERROR, None, f"{exc.__class__.__name__}: {_short(exc)}")
         except (_Urllib3Error, OSError) as exc:
-            return Reply(NETWORK_ERROR, None, f"network error: {_short(exc)}")
+            return Reply(NETWORK_ERROR, None, f"network error: {_short(exc, named=True)}")
         except Exception as exc:  # TLS set-up, a bad CA bundle path, ...: reported, never raised into the worker
             return Reply(NETWORK_ERROR, None, f"{exc.__class__.__name__}: {_short(exc)}")
         return _reply(response.status, response.headers.get("retry-after"),
@@ -313,8 +313,9 @@ def _environment_settings(url: str) -> Dict[str, Any]:
             "cert": settings.get("cert")}
 
 
-def _short(exc: BaseException) -> str:
-    """The root cause (``Connection refused``, a TLS error...), not requests' wrapping of it."""
+def _short(exc: BaseException, named: bool = False) -> str:
+    """The root cause (``Connection refused``, a TLS error...), not requests' wrapping of it; ``named``:
+    with its class name also when ``exc`` is the root (urllib3's own errors, as requests shows them)."""
     root = exc
     for _ in range(6):  # requests wraps urllib3's MaxRetryError, which wraps the OS-level error
         # urllib3's innermost error names the host and port; its own cause (the OSError) does not.
@@ -324,5 +325,5 @@ def _short(exc: BaseException) -> str:
         if inner is None:
             break
         root = inner
-    text = str(exc) if root is exc else f"{root.__class__.__name__}: {root}"
+    text = str(exc) if root is exc and not named else f"{root.__class__.__name__}: {root}"
     return text if len(text) <= 500 else text[:500] + "..."
