@@ -58,10 +58,10 @@ class Batcher(Outcomes):
             pending, target = item
             if target is None:
                 # Sent before the datafile arrived: it takes the first ODP settings, once known.
-                if self._state is UNDETERMINED:
+                if self._odp.state is UNDETERMINED:
                     queue.appendleft(item)
                     break
-                target = self._initial_target
+                target = self._odp.initial
             self._popped += 1
             if target is None:
                 self._drop_unintegrated(pending)

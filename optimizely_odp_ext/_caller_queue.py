@@ -45,16 +45,17 @@ class CallerQueue(Outcomes):
             self.logger.error("ODP event not sent: the ODP event manager is closed.")
             self.count_refused("closed")
             return False
-        state = self._state
+        odp = self._odp
+        state = odp.state
         if state is not INTEGRATED and state is not UNDETERMINED:
             not_integrated = state is NOT_INTEGRATED
-            self.logger.error(_compat.ODP_NOT_INTEGRATED if not_integrated else self._refusal)
+            self.logger.error(_compat.ODP_NOT_INTEGRATED if not_integrated else odp.refusal)
             self.count_refused("odp_not_integrated" if not_integrated else "host_refused")
             return False
         queue = self._queue
         if len(queue) + len(self._ready) >= self._capacity and not self._overflow(pending):
             return True  # accepted, then dropped as queue_full (counted in _overflow)
-        queue.append((pending, self._target))
+        queue.append((pending, odp.target))
         if self._worker is None:
             self._start()
         # Wake the worker only when it waits for callers (its last look found nothing to send), for

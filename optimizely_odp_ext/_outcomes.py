@@ -103,5 +103,5 @@ class Outcomes(ManagerState):
                 "requests": tally.requests,
                 "retries": tally.retries,
                 "queued": queued,
-                "state": self._state,
+                "state": self._odp.state,
             }

@@ -108,7 +108,7 @@ class Scheduler(Batcher, Bisector):
         if not self._queue:
             return True
         # Only events held for a datafile that never came are left: nothing can send them.
-        return self._state is UNDETERMINED and self._queue[0][1] is None
+        return self._odp.state is UNDETERMINED and self._queue[0][1] is None
 
     def _update_low_water(self) -> None:
         low = -1 if self._recovery is not None else self._popped + self._counts.popped
@@ -168,7 +168,7 @@ class Scheduler(Batcher, Bisector):
 
     def _rekey(self, batch: _Batch, reply: Reply) -> bool:
         """A 401/403 for events queued under a key the datafile has since replaced: once, the current key."""
-        target = self._target
+        target = self._odp.target
         if batch.rekeyed or target is None or target.key == batch.target.key:
             return False
         moved = _Batch(batch.events, target, batch.first_attempt)

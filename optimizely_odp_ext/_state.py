@@ -17,6 +17,7 @@ from . import _threads, _uwsgi
 from ._barrier import FlushBarrier
 from ._batch import Target, _Batch, _Item
 from ._caller_counts import _WARN_EVERY, CallerCounts
+from ._odp_target import OdpTarget
 from ._retries import Retries
 from ._senders import Senders
 from ._tally import Tally
@@ -44,11 +45,11 @@ class ManagerState:
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_close_deadline", "_close_seen",
                  "_closed", "_closing", "_counts", "_defaults", "_finished", "_forks_in_c", "_green", "_held_for_fork",
-                 "_idle", "_initial_target", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
-                 "_live_events", "_on_outcome", "_partial_since", "_pid", "_policy", "_popped", "_priority", "_queue",
-                 "_ready", "_recovered_count", "_recovery", "_refusal", "_refusing_alike", "_retry", "_room",
-                 "_room_waiters", "_seen_empty", "_senders", "_spool", "_spool_refused", "_start_lock", "_state",
-                 "_summary", "_tally", "_target", "_transport_factory", "_wake", "_worker", "logger", "options")
+                 "_idle", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live", "_live_events", "_odp",
+                 "_on_outcome", "_partial_since", "_pid", "_policy", "_popped", "_priority", "_queue", "_ready",
+                 "_recovered_count", "_recovery", "_refusing_alike", "_retry", "_room", "_room_waiters", "_seen_empty",
+                 "_senders", "_spool", "_spool_refused", "_start_lock", "_summary", "_tally", "_transport_factory",
+                 "_wake", "_worker", "logger", "options")
 
     options: Options
     logger: Any
@@ -58,11 +59,7 @@ class ManagerState:
     _on_outcome: Optional[OutcomeCallback]
     _capacity: int
     _batch_size: int
-    # The ODP settings of the current datafile (written by update_config(), read by everyone).
-    _state: str
-    _target: Optional[Target]
-    _initial_target: Optional[Target]
-    _refusal: str
+    _odp: OdpTarget  # where events go: the ODP settings of the current datafile
     _lifecycle: threading.RLock
     _closed: bool
     _spool: Optional[Spool]

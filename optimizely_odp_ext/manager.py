@@ -30,8 +30,8 @@ from typing import Any, Callable, Optional
 
 from . import _compat, _lifecycle, _threads, _uwsgi
 from ._barrier import notify_all
-from ._batch import Target
 from ._caller_queue import CallerQueue
+from ._odp_target import OdpTarget
 from ._scheduler import Scheduler
 from ._state import _IDLE_WAKE, SPOOL_INTERVAL
 from ._stats import (
@@ -50,7 +50,7 @@ from .event import default_data
 from .retry import RetryPolicy
 from .settings import Options
 from .spool import Spool, open_spool
-from .transport import RequestsTransport, Transport, check_host, events_url, mask_key
+from .transport import RequestsTransport, Transport
 
 __all__ = ["DROP_REASONS", "INTEGRATED", "NOT_INTEGRATED", "REFUSED", "REFUSE_REASONS", "SPOOL_INTERVAL",
            "UNDETERMINED", "EventManager", "OdpEventStats", "TransportFactory", "no_stats"]
@@ -99,10 +99,7 @@ class EventManager(CallerQueue, Scheduler):
         self._on_outcome = options.on_outcome
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
-        self._state = UNDETERMINED
-        self._target: Optional[Target] = None
-        self._initial_target: Optional[Target] = None
-        self._refusal = ""
+        self._odp = OdpTarget(logger, options.allow_insecure_http)
         # Re-entrant: the SIGTERM opt-in closes managers from a signal handler, which runs on the main
         # thread, possibly while that thread is inside one of these sections.
         self._lifecycle = threading.RLock()
@@ -136,33 +133,13 @@ class EventManager(CallerQueue, Scheduler):
             key: The public key, or None when ODP is not integrated.
             determined: False while no datafile has arrived (then nothing changes).
         """
-        if not determined:
-            return
-        if host and key:
-            refusal = check_host(host, self.options.allow_insecure_http)
-            if refusal:
-                if self._state is not REFUSED or self._refusal != refusal:
-                    self.logger.error(refusal)
-                self._refusal = refusal
-                self._target = None
-                self._state = REFUSED
-            else:
-                target = Target(host, key, events_url(host))
-                if target != self._target:
-                    self.logger.info(f"ODP events go to {target.url} (key {mask_key(key)}).")
-                    self._target = target
-                if self._initial_target is None:
-                    self._initial_target = target
-                self._state = INTEGRATED
-        else:
-            self._target = None
-            self._state = NOT_INTEGRATED
-        self._wake.set()
+        if self._odp.update(host, key, determined):
+            self._wake.set()
 
     @property
     def state(self) -> str:
         """``"undetermined"`` (no datafile yet), ``"integrated"``, ``"not_integrated"`` or ``"refused"``."""
-        return self._state
+        return self._odp.state
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -225,7 +202,7 @@ class EventManager(CallerQueue, Scheduler):
         def remaining() -> float:
             now = time.monotonic()
             wait = min(deadline - now, _IDLE_WAKE)
-            if timeout is None and self._state is UNDETERMINED:
+            if timeout is None and self._odp.state is UNDETERMINED:
                 wait = min(wait, start + options.close_timeout - now)
             return wait
 
@@ -471,7 +448,7 @@ class EventManager(CallerQueue, Scheduler):
 
 def _why_waiting(manager: EventManager) -> str:
     """Why events are still pending, for the line of a flush that gives up."""
-    if manager._state is UNDETERMINED:
+    if manager._odp.state is UNDETERMINED:
         return ("no datafile has arrived yet (a wrong SDK key or an unreachable CDN?); events sent "
                 "before it are held until one does")
     if manager._finished:
