@@ -35,13 +35,14 @@ class CallerQueue(Outcomes):
         """
         # A fork through Python reset this manager already (_lifecycle's fork hook); only a host that
         # forks in C (uWSGI) needs the check, which costs a system call on every event.
-        if self._forks_in_c and self._pid != os.getpid():
+        life = self._life  # one object for the manager's life: reset in place after a fork
+        if life.forks_in_c and life.pid != os.getpid():
             self._after_fork()
-        if self._held_for_fork:
+        if life.held_for_fork:
             # A uWSGI master's events, not handed over yet: decided here once this process is a
             # worker (when uWSGI's post-fork hook was replaced), never in the master (see _uwsgi).
             self._uwsgi_started()
-        if self._closed:
+        if life.closed:
             self.logger.error("ODP event not sent: the ODP event manager is closed.")
             self.count_refused("closed")
             return False
@@ -56,7 +57,7 @@ class CallerQueue(Outcomes):
         if len(queue) + len(self._ready) >= self._capacity and not self._overflow(pending):
             return True  # accepted, then dropped as queue_full (counted in _overflow)
         queue.append((pending, odp.target))
-        if self._worker is None:
+        if life.worker is None:
             self._start()
         # Wake the worker only when it waits for callers (its last look found nothing to send), for
         # a full batch, or, with the spool on, for the first event (written to disk at once, see
@@ -67,7 +68,7 @@ class CallerQueue(Outcomes):
             self._wake.set()
         if full and not _stall_reported:
             self._check_stalled(size)
-        if self._finished:
+        if life.finished:
             return self._refuse_late()
         return True
 
@@ -84,9 +85,9 @@ class CallerQueue(Outcomes):
             self._room_waiters += 1
             try:
                 # Closing lets the caller through: close() then delivers or counts the event.
-                while len(self._queue) + len(self._ready) >= self._capacity and not self._closed:
+                while len(self._queue) + len(self._ready) >= self._capacity and not self._life.closed:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._finished:
+                    if remaining <= 0 or self._life.finished:
                         return False
                     self._wake.set()  # a full queue is a full batch: the worker must be draining
                     self._room.wait(min(remaining, _IDLE_WAKE))
@@ -103,7 +104,7 @@ class CallerQueue(Outcomes):
         """
         global _stall_reported  # noqa: PLW0603 - one line per process
         stalled = time.monotonic() - self._last_pass
-        if stalled < STALL_SECONDS or self._worker is None:
+        if stalled < STALL_SECONDS or self._life.worker is None:
             return
         _stall_reported = True
         remedy = ("Add --enable-threads to the uWSGI command line (enable-threads = true in its ini)."

@@ -78,7 +78,7 @@ class Outcomes(ManagerState):
 
     def stats(self) -> OdpEventStats:
         """Delivery counts so far, in this process (every key: :class:`OdpEventStats`)."""
-        if self._pid != os.getpid():
+        if self._life.pid != os.getpid():
             # A child forked without Python's fork hooks (uWSGI forks in C) starts with its own zero
             # counts, not its parent's.
             self._after_fork()

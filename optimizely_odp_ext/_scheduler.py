@@ -40,7 +40,7 @@ class Scheduler(Batcher, Bisector):
         while True:
             self._wake.clear()
             with self._ledger:
-                if self._finished:
+                if self._life.finished:
                     # A close finished without us: before we ran (see EventManager._start), or it took
                     # over while we were out of the ledger (see EventManager.end_close).
                     return
@@ -57,7 +57,7 @@ class Scheduler(Batcher, Bisector):
             # timing, never counts.
             self._tally.say_all(outbox)
             if timeout is None:
-                if self._closing:
+                if self._life.closing:
                     self._finish()  # closing, and done or out of time: the worker is the finisher
                 return
             if timeout > 0:
@@ -84,11 +84,11 @@ class Scheduler(Batcher, Bisector):
         if self._spool is not None and self._queue:
             # Durable quickly: what a crash can lose is what arrived since the last pass.
             self._ingest(self._capacity)
-        if self._closing and not self._close_seen:
-            self._close_seen = True
+        if self._life.closing and not self._life.close_seen:
+            self._life.close_seen = True
             # Shutdown cuts every retry wait short; the close deadline bounds the whole.
             self._retry.due_by(now, every=False)
-        if self._closing and (now >= self._close_deadline or self._nothing_left()):
+        if self._life.closing and (now >= self._life.close_deadline or self._nothing_left()):
             if self._spool is not None and self._queue:
                 self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
             self._update_low_water()
@@ -98,7 +98,7 @@ class Scheduler(Batcher, Bisector):
         # Callers blocked on a full queue (overflow="block") are told when there is room, or that the
         # manager closes; never on every pass, or a caller and a worker that cannot drain (no
         # datafile yet, every sender busy) would wake each other in a loop until block_timeout.
-        if self._room_waiters and (self._closing or len(self._queue) + len(self._ready) < self._capacity):
+        if self._room_waiters and (self._life.closing or len(self._queue) + len(self._ready) < self._capacity):
             notify_all(self._room)
         return self._next_wake(time.monotonic())
 
@@ -125,8 +125,8 @@ class Scheduler(Batcher, Bisector):
             wake = min(wake, due - now)
         if self._partial_since is not None:
             wake = min(wake, self._partial_since + self.options.flush_interval - now)
-        if self._closing:
-            wake = min(wake, self._close_deadline - now)
+        if self._life.closing:
+            wake = min(wake, self._life.close_deadline - now)
         if self._spool is not None and self._queue:
             wake = min(wake, SPOOL_INTERVAL)
         return max(wake, 0.001)
@@ -189,7 +189,7 @@ class Scheduler(Batcher, Bisector):
                                  f"last: {_describe(reply)}")
             return
         delay = self._policy.delay(batch.attempts, reply.retry_after)
-        if self._closing:
+        if self._life.closing:
             # Shutdown cuts retry waits short; the close deadline still bounds the whole.
             delay = min(delay, 1.0)
         self._tally.retries += 1
@@ -240,7 +240,7 @@ class Scheduler(Batcher, Bisector):
                 self._submit(due, now)
             if len(retry):
                 return
-        hurry = self._closing or self._barrier.waiters > 0 or self.options.flush_interval <= 0
+        hurry = self._life.closing or self._barrier.waiters > 0 or self.options.flush_interval <= 0
         while senders.in_flight() < limit:
             waiting = len(self._queue) + len(self._ready)
             if waiting == 0 and self._recovery is None:

@@ -8,15 +8,14 @@ queue, the scheduler, the batcher, the bisector, the sender pool, the outcomes);
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
-from . import _threads, _uwsgi
 from ._barrier import FlushBarrier
 from ._batch import Target, _Batch, _Item
 from ._caller_counts import _WARN_EVERY, CallerCounts
+from ._lifetime import Lifetime
 from ._odp_target import OdpTarget
 from ._retries import Retries
 from ._senders import Senders
@@ -43,13 +42,11 @@ class ManagerState:
     # caches; a slot is one fixed offset, where a 50-key instance dict costs a hashed lookup each
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
-    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_close_deadline", "_close_seen",
-                 "_closed", "_closing", "_counts", "_defaults", "_finished", "_forks_in_c", "_green", "_held_for_fork",
-                 "_idle", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live", "_live_events", "_odp",
-                 "_on_outcome", "_partial_since", "_pid", "_policy", "_popped", "_priority", "_queue", "_ready",
+    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_idle",
+                 "_last_pass", "_last_spool_warning", "_ledger", "_life", "_live", "_live_events", "_odp",
+                 "_on_outcome", "_partial_since", "_policy", "_popped", "_priority", "_queue", "_ready",
                  "_recovered_count", "_recovery", "_refusing_alike", "_retry", "_room", "_room_waiters", "_seen_empty",
-                 "_senders", "_spool", "_spool_refused", "_start_lock", "_summary", "_tally", "_transport_factory",
-                 "_wake", "_worker", "logger", "options")
+                 "_senders", "_spool", "_spool_refused", "_tally", "_transport_factory", "_wake", "logger", "options")
 
     options: Options
     logger: Any
@@ -60,35 +57,23 @@ class ManagerState:
     _capacity: int
     _batch_size: int
     _odp: OdpTarget  # where events go: the ODP settings of the current datafile
-    _lifecycle: threading.RLock
-    _closed: bool
+    _life: Lifetime  # this process, its worker thread, the steps of the close
     _spool: Optional[Spool]
     _recovery: Optional[Iterator[Tuple[str, str, Encoded]]]
-    _held_for_fork: bool  # a process uWSGI forks its workers from: no threads, events held (see _uwsgi)
 
     def _reset_runtime(self) -> None:
         """Everything that belongs to one process: queue, threads, connections, counters."""
-        self._pid = os.getpid()
-        self._forks_in_c = _uwsgi.hosted()
+        self._life.reset()
         # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
         # flag below has a single writer (the caller's side, close() or the worker, as noted).
         self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)
         self._make_primitives()
         self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
-        self._worker: Optional[threading.Thread] = None
         # The sender threads, the transport and the batches in flight: a component (see _senders).
         self._senders = Senders(self.options, self._transport_factory, self._wake)
-        self._closing = False
-        self._finished = False
-        # The close's summary line: said once, by the closing thread when one waits for the worker
-        # (the worker may be stuck behind a log handler that very thread holds), else by the finisher.
-        # None: nobody waits; True: a closing thread waits; False: said.
-        self._summary: Optional[bool] = None
         self._idle = False
         self._last_pass = time.monotonic()  # the worker's last pass (worker writes, callers read)
         self._seen_empty = True
-        self._close_seen = False
-        self._close_deadline = 0.0
         self._room_waiters = 0
         # Counted by the caller's side, on rare paths only: refused calls, a full queue's drops.
         self._counts = CallerCounts(self._capacity, self.logger, self._on_outcome is not None)
@@ -113,9 +98,7 @@ class ManagerState:
     def _make_primitives(self) -> None:
         """The locks and wake-ups the manager itself holds, of this process's threading world now: real
         ones, or green ones once gevent or eventlet patched ``threading`` (see _threads)."""
-        self._green = _threads.green()
         self._wake = Wake()  # never blocks its setter: see Wake
-        self._start_lock = threading.Lock()
         # overflow="block": callers waiting for room; the worker notifies only when there are some.
         # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
         self._room = threading.Condition(threading.RLock())
@@ -133,6 +116,7 @@ class ManagerState:
         before the worker starts, so ``_start()`` makes them all again, the components' too: a greenlet
         waiting on a real lock would block the process's only OS thread."""
         self._make_primitives()
+        self._life.remake()
         self._senders.remake(self._wake)
         self._barrier.remake()
         self._counts.remake()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 from . import _compat, _lifecycle, _threads, _uwsgi
 from ._barrier import notify_all
 from ._caller_queue import CallerQueue
+from ._lifetime import Lifetime
 from ._odp_target import OdpTarget
 from ._scheduler import Scheduler
 from ._state import _IDLE_WAKE, SPOOL_INTERVAL
@@ -100,15 +101,11 @@ class EventManager(CallerQueue, Scheduler):
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
         self._odp = OdpTarget(logger, options.allow_insecure_http)
-        # Re-entrant: the SIGTERM opt-in closes managers from a signal handler, which runs on the main
-        # thread, possibly while that thread is inside one of these sections.
-        self._lifecycle = threading.RLock()
-        self._closed = False
         self._spool: Optional[Spool] = None
         # A uWSGI master (or loading process) forks its workers in C while its threads run: none is
         # started here, its events are held for one worker to deliver (see _uwsgi).
-        self._held_for_fork = _uwsgi.forks_later()
-        if self._held_for_fork:
+        self._life = Lifetime(_uwsgi.forks_later())
+        if self._life.held_for_fork:
             _uwsgi.prepare(logger)
         self._reset_runtime()
         if options.spool_dir is not None:
@@ -144,12 +141,12 @@ class EventManager(CallerQueue, Scheduler):
     # ----------------------------------------------------------------- lifecycle
 
     def _start(self) -> None:
-        if self._held_for_fork:
+        if self._life.held_for_fork:
             return  # a process uWSGI forks from: the events wait for a worker (see _uwsgi)
-        with self._start_lock:
-            if self._worker is not None or self._finished:
+        with self._life.start_lock:
+            if self._life.worker is not None or self._life.finished:
                 return
-            if self._green is not _threads.green():
+            if self._life.green is not _threads.green():
                 self._remake_primitives()  # patched (gevent, eventlet) since they were made: see _state
             # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
             # start threads while the interpreter is exiting, which is when the exit flush runs.
@@ -158,13 +155,13 @@ class EventManager(CallerQueue, Scheduler):
             worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
             # Known before it runs: a close from here on (our SIGTERM handler may interrupt this very
             # line) joins it, rather than counting as unconfirmed a batch it then delivers.
-            self._worker = worker
+            self._life.worker = worker
             try:
                 start_quiet(worker)
             except BaseException:
-                self._worker = None  # not started (the interpreter is exiting): the next event tries again
+                self._life.worker = None  # not started (the interpreter is exiting): the next event tries again
                 raise
-        if self._finished:  # a close finished meanwhile (another thread, or our SIGTERM handler on this
+        if self._life.finished:  # a close finished meanwhile (another thread, or our SIGTERM handler on this
             self._senders.stop()  # type: ignore[unreachable]  # one) released what it saw; the worker ends
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -179,20 +176,20 @@ class EventManager(CallerQueue, Scheduler):
         Returns:
             True when all of them reached an outcome, False when it gave up (logged, with why).
         """
-        if self._pid != os.getpid():
+        if self._life.pid != os.getpid():
             self._after_fork()
         start = time.monotonic()
-        worker = self._worker
+        worker = self._life.worker
         if worker is not None and worker is threading.current_thread():
             # From on_outcome (or a log handler) on the worker: it cannot wait for itself.
             return self._flush_now(start, timeout is None, "it was called on the ODP worker thread (from "
                                    "on_outcome?), which cannot wait for itself")
-        if (worker is None or not worker.is_alive()) and self._queue and not self._finished:
+        if (worker is None or not worker.is_alive()) and self._queue and not self._life.finished:
             # A send is starting the worker (or its start failed): start it here, or wait for that start.
             with contextlib.suppress(RuntimeError):  # threads cannot start: the give-up line says so
                 self._start()
-            worker = self._worker
-        if worker is None or not worker.is_alive() or self._finished:
+            worker = self._life.worker
+        if worker is None or not worker.is_alive() or self._life.finished:
             return self._flush_now(start, timeout is None, None)  # nothing will move without a worker
         barrier = self._popped + self._counts.popped + len(self._queue)
         options = self.options
@@ -207,7 +204,7 @@ class EventManager(CallerQueue, Scheduler):
             return wait
 
         def gone() -> bool:
-            return self._worker is None or not self._worker.is_alive() or self._finished
+            return self._life.worker is None or not self._life.worker.is_alive() or self._life.finished
 
         reached = self._barrier.wait(barrier, remaining, gone, self._wake.set)
         if reached:
@@ -249,17 +246,14 @@ class EventManager(CallerQueue, Scheduler):
         Returns:
             False when the manager was already closed (then :meth:`end_close` must not follow).
         """
-        with self._lifecycle:
-            if self._closed:
-                return False
-            self._closed = True
+        if not self._life.close():
+            return False
         _lifecycle.closing(self, True)
-        if self._pid != os.getpid():
+        if self._life.pid != os.getpid():
             self._after_fork()
         # Told whether or not a worker runs yet: one that a caller is starting meanwhile (on another
         # thread, or on this one under our SIGTERM handler) sees the close at its first pass.
-        self._close_deadline = deadline
-        self._closing = True
+        self._life.begin_closing(deadline)
         self._wake.set()
         return True
 
@@ -271,20 +265,16 @@ class EventManager(CallerQueue, Scheduler):
         takes over only once the worker has let go of the ledger (it is then in a callback or a log
         handler, outside every owner's state); while the worker holds it, the worker finishes later.
         """
-        worker = self._worker
+        worker = self._life.worker
         if worker is not None and worker is threading.current_thread():
             return  # close() from on_outcome: the worker finishes once the callback returns
         if worker is not None and worker.is_alive():
-            with self._lifecycle:
-                if self._summary is None:
-                    self._summary = True  # said here, once the worker is done
+            self._life.wait_to_summarize()  # said here, once the worker is done
             worker.join(max(deadline - time.monotonic(), 0.0) + _CLOSE_MARGIN)
             if worker.is_alive() and not self._finish(_CLOSE_MARGIN):
                 self.logger.warning("ODP event manager: the worker is still busy (a slow on_outcome or log "
                                     "handler?); it finishes the close when it returns.")
-                with self._lifecycle:
-                    if self._summary:
-                        self._summary = None  # the worker says it, when it finishes
+                self._life.stop_waiting_to_summarize()  # the worker says it, when it finishes
             self._say_summary()
             return
         self._finish()
@@ -299,7 +289,7 @@ class EventManager(CallerQueue, Scheduler):
         deadline = time.monotonic() + self.options.close_timeout
         if not self.begin_close(deadline):
             return
-        worker = self._worker
+        worker = self._life.worker
         if worker is None or not worker.is_alive():
             self._finish()
 
@@ -342,10 +332,8 @@ class EventManager(CallerQueue, Scheduler):
         Returns:
             True for the one caller that finished the close.
         """
-        with self._lifecycle:
-            if self._finished:
-                return False  # once: the worker and a closing thread may both get here
-            self._finished = True
+        if not self._life.finish():
+            return False  # once: the worker and a closing thread may both get here
         if self._counts.to_report:
             self._report_overflow()
         self._take_results(time.monotonic())  # replies already here count as what they say
@@ -380,15 +368,13 @@ class EventManager(CallerQueue, Scheduler):
         self._senders.stop()
         self._barrier.wake_all()
         notify_all(self._room)
-        if self._summary is None:
+        if self._life.summary is None:
             self._say_summary()
 
     def _say_summary(self) -> None:
-        """The close's one summary line (see ``ManagerState._summary``)."""
-        with self._lifecycle:
-            if self._summary is False or not self._finished:
-                return
-            self._summary = False
+        """The close's one summary line (see ``Lifetime.summary``)."""
+        if not self._life.take_summary():
+            return
         stats = self.stats()
         dropped = sum(stats["dropped"].values())
         line = (f"ODP event manager closed: {stats['delivered']} delivered, {dropped} dropped"
@@ -400,7 +386,7 @@ class EventManager(CallerQueue, Scheduler):
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed
+        return self._life.closed
 
     def _after_fork(self) -> None:
         """In a forked child: a fresh queue, worker and connections; the parent's events stay the parent's.
@@ -408,12 +394,12 @@ class EventManager(CallerQueue, Scheduler):
         Except for events a uWSGI master held for its workers: they come along, and
         :meth:`_end_fork_hold` decides whether this process delivers them.
         """
-        if self._pid == os.getpid():
+        if self._life.pid == os.getpid():
             return
-        held, recovery = (list(self._queue), self._recovery) if self._held_for_fork else ([], None)
-        self._lifecycle = threading.RLock()  # another thread may have held it at fork time
+        held, recovery = (list(self._queue), self._recovery) if self._life.held_for_fork else ([], None)
+        self._life.after_fork()
         self._reset_runtime()
-        if self._held_for_fork:
+        if self._life.held_for_fork:
             self._queue.extend(held)
             self._recovery = recovery
             self._end_fork_hold()
@@ -422,9 +408,9 @@ class EventManager(CallerQueue, Scheduler):
 
     def _uwsgi_started(self) -> None:
         """uWSGI's post-fork hook, in each process it starts (see _uwsgi)."""
-        if self._pid != os.getpid():
+        if self._life.pid != os.getpid():
             self._after_fork()
-        elif self._held_for_fork:
+        elif self._life.held_for_fork:
             self._end_fork_hold()  # without --master, the loading process itself becomes worker 1
 
     def _end_fork_hold(self) -> None:
@@ -432,7 +418,7 @@ class EventManager(CallerQueue, Scheduler):
         taken = _uwsgi.take_held_events()
         if taken is None:
             return  # not known yet: uWSGI's post-fork hook asks again
-        self._held_for_fork = False
+        self._life.held_for_fork = False
         if taken:
             # This process carries on for the master: its queue, and its spool's backlog (the master
             # never touches either again).
@@ -451,11 +437,11 @@ def _why_waiting(manager: EventManager) -> str:
     if manager._odp.state is UNDETERMINED:
         return ("no datafile has arrived yet (a wrong SDK key or an unreachable CDN?); events sent "
                 "before it are held until one does")
-    if manager._finished:
+    if manager._life.finished:
         return "the ODP event manager is closed"
-    if manager._held_for_fork:
+    if manager._life.held_for_fork:
         return "this process forks uWSGI workers: its events wait for one of them to deliver"
-    if manager._worker is None or not manager._worker.is_alive():
+    if manager._life.worker is None or not manager._life.worker.is_alive():
         return "the ODP worker thread is not running (threads cannot start: is the interpreter exiting?)"
     if manager._retry.failing_since is not None:
         return "ODP delivery is failing; the events are held and retried within retry_window"
