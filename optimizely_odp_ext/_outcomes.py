@@ -51,11 +51,7 @@ class Outcomes(ManagerState):
 
     def _ack(self, events: List[Encoded]) -> None:
         """An outcome was reached: the spool need not keep these any longer."""
-        if self._spool is not None:
-            try:
-                self._spool.ack(events)
-            except Exception:
-                _log.exception("spool ack failed")
+        self._spool.ack(events)
 
     def _report_overflow(self) -> None:
         self._tally.report("queue_full", self._counts.take_report(),
@@ -91,13 +87,13 @@ class Outcomes(ManagerState):
             dropped["queue_full"] += overflowed
             # drop_oldest: an event popped by the caller to make room is in overflowed, and the new
             # one took its place in the queue, so each accepted event is counted exactly once.
-            accepted = self._popped + queued + overflowed + self._recovered_count
+            accepted = self._popped + queued + overflowed + self._spool.recovered
             return {
                 "accepted": accepted,
                 "delivered": tally.delivered,
                 "dropped": dropped,
                 "pending": self._pending(queued),
-                "recovered": self._recovered_count,
+                "recovered": self._spool.recovered,
                 "left_in_spool": tally.left_in_spool,
                 "refused": dict(counts.refused),
                 "requests": tally.requests,

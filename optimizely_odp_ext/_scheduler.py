@@ -81,7 +81,7 @@ class Scheduler(Batcher, Bisector):
             self._report_overflow()
         self._take_results(now)
         self._expire(now)
-        if self._spool is not None and self._queue:
+        if self._spool.disk is not None and self._queue:
             # Durable quickly: what a crash can lose is what arrived since the last pass.
             self._ingest(self._capacity)
         if self._life.closing and not self._life.close_seen:
@@ -89,7 +89,7 @@ class Scheduler(Batcher, Bisector):
             # Shutdown cuts every retry wait short; the close deadline bounds the whole.
             self._retry.due_by(now, every=False)
         if self._life.closing and (now >= self._life.close_deadline or self._nothing_left()):
-            if self._spool is not None and self._queue:
+            if self._spool.disk is not None and self._queue:
                 self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
             self._update_low_water()
             return None
@@ -103,7 +103,7 @@ class Scheduler(Batcher, Bisector):
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:
-        if self._live or self._ready or self._senders.in_flight() or self._recovery is not None:
+        if self._live or self._ready or self._senders.in_flight() or self._spool.recovery is not None:
             return False
         if not self._queue:
             return True
@@ -111,7 +111,7 @@ class Scheduler(Batcher, Bisector):
         return self._odp.state is UNDETERMINED and self._queue[0][1] is None
 
     def _update_low_water(self) -> None:
-        low = -1 if self._recovery is not None else self._popped + self._counts.popped
+        low = -1 if self._spool.recovery is not None else self._popped + self._counts.popped
         if self._ready:
             low = min(low, self._ready[0][0].seq)
         for batch in self._live.values():
@@ -127,7 +127,7 @@ class Scheduler(Batcher, Bisector):
             wake = min(wake, self._partial_since + self.options.flush_interval - now)
         if self._life.closing:
             wake = min(wake, self._life.close_deadline - now)
-        if self._spool is not None and self._queue:
+        if self._spool.disk is not None and self._queue:
             wake = min(wake, SPOOL_INTERVAL)
         return max(wake, 0.001)
 
@@ -243,16 +243,16 @@ class Scheduler(Batcher, Bisector):
         hurry = self._life.closing or self._barrier.waiters > 0 or self.options.flush_interval <= 0
         while senders.in_flight() < limit:
             waiting = len(self._queue) + len(self._ready)
-            if waiting == 0 and self._recovery is None:
+            if waiting == 0 and self._spool.recovery is None:
                 self._partial_since = None
                 self._seen_empty = True  # callers wake us: nothing else would (see _run)
                 return
-            if waiting < self._batch_size and not hurry and self._recovery is None:
+            if waiting < self._batch_size and not hurry and self._spool.recovery is None:
                 if self._partial_since is None:
                     self._partial_since = now
                 if now - self._partial_since < self.options.flush_interval:
                     return
-            self._ingest(self._capacity if self._spool is not None else self._batch_size)
+            self._ingest(self._capacity if self._spool.disk is not None else self._batch_size)
             new_batch = self._take_batch()
             if new_batch is None:
                 # Nothing sendable (events held for the datafile): no timed wake-up, or the worker

@@ -10,21 +10,21 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from ._barrier import FlushBarrier
 from ._batch import Target, _Batch, _Item
-from ._caller_counts import _WARN_EVERY, CallerCounts
+from ._caller_counts import CallerCounts
 from ._lifetime import Lifetime
 from ._odp_target import OdpTarget
 from ._retries import Retries
 from ._senders import Senders
+from ._spooling import Spooling
 from ._tally import Tally
 from ._threads import Wake
 from .event import Encoded
 from .retry import RetryPolicy
 from .settings import Options
-from .spool import Spool
 from .transport import Transport
 
 SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
@@ -43,10 +43,10 @@ class ManagerState:
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_idle",
-                 "_last_pass", "_last_spool_warning", "_ledger", "_life", "_live", "_live_events", "_odp",
-                 "_on_outcome", "_partial_since", "_policy", "_popped", "_priority", "_queue", "_ready",
-                 "_recovered_count", "_recovery", "_refusing_alike", "_retry", "_room", "_room_waiters", "_seen_empty",
-                 "_senders", "_spool", "_spool_refused", "_tally", "_transport_factory", "_wake", "logger", "options")
+                 "_last_pass", "_ledger", "_life", "_live", "_live_events", "_odp", "_on_outcome", "_partial_since",
+                 "_policy", "_popped", "_priority", "_queue", "_ready", "_refusing_alike", "_retry", "_room",
+                 "_room_waiters", "_seen_empty", "_senders", "_spool", "_tally", "_transport_factory", "_wake",
+                 "logger", "options")
 
     options: Options
     logger: Any
@@ -58,8 +58,7 @@ class ManagerState:
     _batch_size: int
     _odp: OdpTarget  # where events go: the ODP settings of the current datafile
     _life: Lifetime  # this process, its worker thread, the steps of the close
-    _spool: Optional[Spool]
-    _recovery: Optional[Iterator[Tuple[str, str, Encoded]]]
+    _spool: Spooling  # the spool hand-off (spool_dir): writing, acknowledging, the backlog
 
     def _reset_runtime(self) -> None:
         """Everything that belongs to one process: queue, threads, connections, counters."""
@@ -89,11 +88,8 @@ class ManagerState:
         self._live_events = 0  # events in _live: pending = queue + _ready + this
         # Events taken from the queue: target resolved, encoded once (and spooled, with the spool on).
         self._ready: Deque[Tuple[Encoded, Target]] = collections.deque()
-        self._recovered_count = 0
-        self._recovery = None
+        self._spool.reset()
         self._partial_since: Optional[float] = None
-        self._last_spool_warning = -_WARN_EVERY
-        self._spool_refused = 0  # dropped by a full spool since the last warning about it
 
     def _make_primitives(self) -> None:
         """The locks and wake-ups the manager itself holds, of this process's threading world now: real

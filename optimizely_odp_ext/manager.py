@@ -34,6 +34,7 @@ from ._caller_queue import CallerQueue
 from ._lifetime import Lifetime
 from ._odp_target import OdpTarget
 from ._scheduler import Scheduler
+from ._spooling import Spooling
 from ._state import _IDLE_WAKE, SPOOL_INTERVAL
 from ._stats import (
     DROP_REASONS,
@@ -50,7 +51,6 @@ from ._threads import start_quiet
 from .event import default_data
 from .retry import RetryPolicy
 from .settings import Options
-from .spool import Spool, open_spool
 from .transport import RequestsTransport, Transport
 
 __all__ = ["DROP_REASONS", "INTEGRATED", "NOT_INTEGRATED", "REFUSED", "REFUSE_REASONS", "SPOOL_INTERVAL",
@@ -101,26 +101,20 @@ class EventManager(CallerQueue, Scheduler):
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
         self._odp = OdpTarget(logger, options.allow_insecure_http)
-        self._spool: Optional[Spool] = None
+        self._spool = Spooling(logger, options.spool_max_bytes)
         # A uWSGI master (or loading process) forks its workers in C while its threads run: none is
         # started here, its events are held for one worker to deliver (see _uwsgi).
         self._life = Lifetime(_uwsgi.forks_later())
         if self._life.held_for_fork:
             _uwsgi.prepare(logger)
         self._reset_runtime()
-        if options.spool_dir is not None:
-            self._open_spool(options.spool_dir)
+        if options.spool_dir is not None and self._spool.open(options.spool_dir, options.spool_fsync):
+            self._barrier.low_water = -1  # flush() waits for the backlog too
         if options.api_host is not None and options.api_key is not None:
             self.update_config(options.api_host, options.api_key, True)
         _lifecycle.register(self)
-        if self._recovery is not None:
+        if self._spool.recovery is not None:
             self._start()  # events left by an earlier process go out now, not on the first send
-
-    def _open_spool(self, directory: str) -> None:
-        self._spool = open_spool(directory, self.options.spool_fsync, self.options.spool_max_bytes, self.logger)
-        if self._spool is not None and self._spool.has_backlog():
-            self._recovery = self._spool.recover()
-            self._barrier.low_water = -1
 
     def update_config(self, host: Optional[str], key: Optional[str], determined: bool) -> None:
         """Applies the ODP host and key of a (new) datafile. Events already queued keep theirs.
@@ -346,7 +340,7 @@ class EventManager(CallerQueue, Scheduler):
         self._ready.clear()
         self._priority.clear()
         self._retry.let_go()
-        if self._spool is not None:
+        if self._spool.disk is not None:
             # Written to the spool and not acknowledged: the next process with this spool_dir sends them.
             left = in_flight + waiting
             self._tally.keep_in_spool(left, "kept in the spool: the next start with this spool_dir sends them")
@@ -360,11 +354,7 @@ class EventManager(CallerQueue, Scheduler):
     def _release(self) -> None:
         """After the close is counted: spool, senders, connections; then wakes whoever waits."""
         _lifecycle.closing(self, False)
-        if self._spool is not None:
-            try:
-                self._spool.close()
-            except Exception:
-                _log.debug("spool close failed", exc_info=True)
+        self._spool.close()
         self._senders.stop()
         self._barrier.wake_all()
         notify_all(self._room)
@@ -396,14 +386,13 @@ class EventManager(CallerQueue, Scheduler):
         """
         if self._life.pid == os.getpid():
             return
-        held, recovery = (list(self._queue), self._recovery) if self._life.held_for_fork else ([], None)
+        held = list(self._queue) if self._life.held_for_fork else []
         self._life.after_fork()
         self._reset_runtime()
         if self._life.held_for_fork:
-            self._queue.extend(held)
-            self._recovery = recovery
+            self._queue.extend(held)  # and the spool's backlog, kept by _reset_runtime()
             self._end_fork_hold()
-        elif self._spool is not None:
+        else:
             self._spool.after_fork()
 
     def _uwsgi_started(self) -> None:
@@ -422,14 +411,13 @@ class EventManager(CallerQueue, Scheduler):
         if taken:
             # This process carries on for the master: its queue, and its spool's backlog (the master
             # never touches either again).
-            if self._recovery is not None:
+            if self._spool.recovery is not None:
                 self._barrier.low_water = -1
-            if self._queue or self._recovery is not None:
+            if self._queue or self._spool.recovery is not None:
                 self._start()
             return
         self._reset_runtime()  # another process delivers them: zero counts here
-        if self._spool is not None:
-            self._spool.after_fork()
+        self._spool.after_fork()
 
 
 def _why_waiting(manager: EventManager) -> str:
