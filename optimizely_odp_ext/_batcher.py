@@ -27,7 +27,7 @@ class Batcher(Outcomes):
         Each event's target is resolved, its ``idempotence_id`` drawn and its JSON encoded once;
         with the spool on, the group is appended to the spool before it can be sent.
         """
-        ready = self._ready
+        ready = self._ledger.ready
         self._spool.recover(ready, limit, self._tally.later)
         queue = self._queue
         group: List[Tuple[Target, Encoded]] = []
@@ -45,7 +45,7 @@ class Batcher(Outcomes):
                     queue.appendleft(item)
                     break
                 target = self._odp.initial
-            self._popped += 1
+            self._ledger.popped += 1
             if target is None:
                 self._drop_unintegrated(pending)
                 continue
@@ -57,7 +57,7 @@ class Batcher(Outcomes):
                 self._tally.drop([pending], "unencodable", _compat.ODP_EVENT_FAILED.format(
                     f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped"))
                 continue
-            encoded.seq = self._popped + self._counts.popped - 1
+            encoded.seq = self._ledger.popped + self._counts.popped - 1
             if batch_size_bytes(1, len(encoded)) > max_bytes:
                 self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
                     f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "
@@ -77,7 +77,7 @@ class Batcher(Outcomes):
         if refused:
             # Over spool_max_bytes: the newest events of this group were not written; drop them.
             for _ in refused:
-                self._ready.pop()
+                self._ledger.ready.pop()
             self._drop(refused, "queue_full", None)
 
     def _take_batch(self) -> Optional[_Batch]:
@@ -86,7 +86,7 @@ class Batcher(Outcomes):
         target: Optional[Target] = None
         body_bytes = 0
         max_bytes = self.options.max_batch_bytes
-        ready = self._ready
+        ready = self._ledger.ready
         while ready and len(events) < self._batch_size:
             encoded, item_target = ready[0]
             if target is None:

@@ -54,7 +54,7 @@ class CallerQueue(Outcomes):
             self.count_refused("odp_not_integrated" if not_integrated else "host_refused")
             return False
         queue = self._queue
-        if len(queue) + len(self._ready) >= self._capacity and not self._overflow(pending):
+        if len(queue) + len(self._ledger.ready) >= self._capacity and not self._overflow(pending):
             return True  # accepted, then dropped as queue_full (counted in _overflow)
         queue.append((pending, odp.target))
         if life.worker is None:
@@ -64,8 +64,9 @@ class CallerQueue(Outcomes):
         # SPOOL_INTERVAL). Any other time its own timer covers this event: see Scheduler._run.
         size = len(queue)
         full = size % self._batch_size == 0
-        if self._idle or full or (size == 1 and self._spool.disk is not None):
-            self._wake.set()
+        wake = self._wake
+        if wake.idle or full or (size == 1 and self._spool.disk is not None):
+            wake.set()
         if full and not _stall_reported:
             self._check_stalled(size)
         if life.finished:
@@ -85,7 +86,7 @@ class CallerQueue(Outcomes):
             self._room_waiters += 1
             try:
                 # Closing lets the caller through: close() then delivers or counts the event.
-                while len(self._queue) + len(self._ready) >= self._capacity and not self._life.closed:
+                while len(self._queue) + len(self._ledger.ready) >= self._capacity and not self._life.closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._life.finished:
                         return False
@@ -103,7 +104,7 @@ class CallerQueue(Outcomes):
         Python threads run only while a request runs Python code.
         """
         global _stall_reported  # noqa: PLW0603 - one line per process
-        stalled = time.monotonic() - self._last_pass
+        stalled = time.monotonic() - self._ledger.last_pass
         if stalled < STALL_SECONDS or self._life.worker is None:
             return
         _stall_reported = True

@@ -39,7 +39,7 @@ class Scheduler(Batcher, Bisector):
     def _run(self) -> None:
         while True:
             self._wake.clear()
-            with self._ledger:
+            with self._ledger.lock:
                 if self._life.finished:
                     # A close finished without us: before we ran (see EventManager._start), or it took
                     # over while we were out of the ledger (see EventManager.end_close).
@@ -67,16 +67,17 @@ class Scheduler(Batcher, Bisector):
                 # other worker has a timer that covers a new event (the flush interval of the
                 # batch being filled, a backoff, the close deadline), or a reply or a full batch
                 # wakes it, and new events could not be sent before that anyway.
-                self._idle = self._seen_empty
-                if not (self._idle and self._queue):
-                    self._wake.wait(timeout)
-                self._idle = False
+                wake = self._wake
+                wake.idle = self._ledger.seen_empty
+                if not (wake.idle and self._queue):
+                    wake.wait(timeout)
+                wake.idle = False
 
     def _step(self) -> Optional[float]:
         """One pass, under the ledger. Returns how long to sleep, or None to stop (closing and done,
         or out of time)."""
         now = time.monotonic()
-        self._last_pass = now
+        self._ledger.last_pass = now
         if self._counts.to_report:
             self._report_overflow()
         self._take_results(now)
@@ -87,7 +88,7 @@ class Scheduler(Batcher, Bisector):
         if self._life.closing and not self._life.close_seen:
             self._life.close_seen = True
             # Shutdown cuts every retry wait short; the close deadline bounds the whole.
-            self._retry.due_by(now, every=False)
+            self._ledger.retry.due_by(now, every=False)
         if self._life.closing and (now >= self._life.close_deadline or self._nothing_left()):
             if self._spool.disk is not None and self._queue:
                 self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
@@ -98,12 +99,12 @@ class Scheduler(Batcher, Bisector):
         # Callers blocked on a full queue (overflow="block") are told when there is room, or that the
         # manager closes; never on every pass, or a caller and a worker that cannot drain (no
         # datafile yet, every sender busy) would wake each other in a loop until block_timeout.
-        if self._room_waiters and (self._life.closing or len(self._queue) + len(self._ready) < self._capacity):
+        if self._room_waiters and (self._life.closing or len(self._queue) + len(self._ledger.ready) < self._capacity):
             notify_all(self._room)
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:
-        if self._live or self._ready or self._senders.in_flight() or self._spool.recovery is not None:
+        if self._ledger.live or self._ledger.ready or self._senders.in_flight() or self._spool.recovery is not None:
             return False
         if not self._queue:
             return True
@@ -111,20 +112,16 @@ class Scheduler(Batcher, Bisector):
         return self._odp.state is UNDETERMINED and self._queue[0][1] is None
 
     def _update_low_water(self) -> None:
-        low = -1 if self._spool.recovery is not None else self._popped + self._counts.popped
-        if self._ready:
-            low = min(low, self._ready[0][0].seq)
-        for batch in self._live.values():
-            low = min(low, batch.min_seq)
-        self._barrier.raise_to(low)
+        low = -1 if self._spool.recovery is not None else self._ledger.popped + self._counts.popped
+        self._barrier.raise_to(self._ledger.low_water(low))
 
     def _next_wake(self, now: float) -> float:
         wake = _IDLE_WAKE
-        due = self._retry.next_due()
+        due = self._ledger.retry.next_due()
         if due is not None:
             wake = min(wake, due - now)
-        if self._partial_since is not None:
-            wake = min(wake, self._partial_since + self.options.flush_interval - now)
+        if self._ledger.partial_since is not None:
+            wake = min(wake, self._ledger.partial_since + self.options.flush_interval - now)
         if self._life.closing:
             wake = min(wake, self._life.close_deadline - now)
         if self._spool.disk is not None and self._queue:
@@ -140,21 +137,21 @@ class Scheduler(Batcher, Bisector):
             batch, reply = taken
             was_probe, batch.probe = batch.probe, False
             if was_probe:
-                self._retry.probe_in_flight = False
+                self._ledger.retry.probe_in_flight = False
             verdict = classify(reply.status, len(batch.events))
             if verdict is Verdict.RETRY:
                 self._schedule_retry(batch, reply, now)
                 continue
             # Any other answer ends this part: its group (if it is part of a refused batch) learns it.
             family = self._part_ended(batch)
-            self._finish_batch(batch)
+            self._ledger.finish(batch)
             if verdict is Verdict.DELIVERED:
                 self._ack(batch.events)
                 self._tally.deliver(batch.events, f"HTTP {reply.status}")
-                self._refusing_alike = None
+                self._ledger.refusing_alike = None
                 if family is not None:
                     family.settled = True  # not systemic: its held parts go on (see _settle)
-                if self._retry.failing_since is not None:
+                if self._ledger.retry.failing_since is not None:
                     self._recovered(now)
             elif reply.status == 400:
                 self._on_refused(batch, reply)
@@ -173,8 +170,8 @@ class Scheduler(Batcher, Bisector):
             return False
         moved = _Batch(batch.events, target, batch.first_attempt)
         moved.rekeyed = True
-        self._own(moved)
-        self._priority.append(moved)
+        self._ledger.own(moved)
+        self._ledger.priority.append(moved)
         self._tally.later(self.logger.info,
                     f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
                     f"sending {len(batch.events)} event(s) queued under it with the current key "
@@ -193,35 +190,35 @@ class Scheduler(Batcher, Bisector):
             # Shutdown cuts retry waits short; the close deadline still bounds the whole.
             delay = min(delay, 1.0)
         self._tally.retries += 1
-        if self._retry.push(batch, now + delay, now):
+        if self._ledger.retry.push(batch, now + delay, now):
             self._tally.later(self.logger.warning,
                 f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
                 f"(next attempt in {delay:.1f} s).")
 
     def _give_up(self, batch: _Batch, why: str) -> None:
         family = self._part_ended(batch)
-        self._finish_batch(batch)
+        self._ledger.finish(batch)
         self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
             f"gave up on {len(batch.events)} event(s){why}"))
         if family is not None:
             self._settle(family)
 
     def _recovered(self, now: float) -> None:
-        outage = self._retry.recovered(now)
+        outage = self._ledger.retry.recovered(now)
         self._tally.later(self.logger.info, f"ODP event delivery recovered after {outage:.1f} s.")
 
     def _expire(self, now: float) -> None:
         policy = self._policy
-        for batch in self._retry.take_expired(lambda waiting: policy.expired(_first_attempt(waiting), now)):
+        for batch in self._ledger.retry.take_expired(lambda waiting: policy.expired(_first_attempt(waiting), now)):
             self._give_up(batch, f": retry window of {policy.window:g} s expired")
 
     def _dispatch(self, now: float) -> None:
-        self._seen_empty = False
+        self._ledger.seen_empty = False
         limit = self.options.max_in_flight
         senders = self._senders
-        while self._priority and senders.in_flight() < limit:
-            self._submit(self._priority.popleft(), now)
-        retry = self._retry
+        while self._ledger.priority and senders.in_flight() < limit:
+            self._submit(self._ledger.priority.popleft(), now)
+        retry = self._ledger.retry
         if len(retry) or retry.probe_in_flight:
             if retry.failing_since is not None or retry.probe_in_flight:
                 # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
@@ -242,26 +239,26 @@ class Scheduler(Batcher, Bisector):
                 return
         hurry = self._life.closing or self._barrier.waiters > 0 or self.options.flush_interval <= 0
         while senders.in_flight() < limit:
-            waiting = len(self._queue) + len(self._ready)
+            waiting = len(self._queue) + len(self._ledger.ready)
             if waiting == 0 and self._spool.recovery is None:
-                self._partial_since = None
-                self._seen_empty = True  # callers wake us: nothing else would (see _run)
+                self._ledger.partial_since = None
+                self._ledger.seen_empty = True  # callers wake us: nothing else would (see _run)
                 return
             if waiting < self._batch_size and not hurry and self._spool.recovery is None:
-                if self._partial_since is None:
-                    self._partial_since = now
-                if now - self._partial_since < self.options.flush_interval:
+                if self._ledger.partial_since is None:
+                    self._ledger.partial_since = now
+                if now - self._ledger.partial_since < self.options.flush_interval:
                     return
             self._ingest(self._capacity if self._spool.disk is not None else self._batch_size)
             new_batch = self._take_batch()
             if new_batch is None:
                 # Nothing sendable (events held for the datafile): no timed wake-up, or the worker
                 # would spin every millisecond; update_config() and enqueue() wake it.
-                self._partial_since = None
+                self._ledger.partial_since = None
                 return
-            self._own(new_batch)
+            self._ledger.own(new_batch)
             self._submit(new_batch, now)
-            self._partial_since = now if self._queue or self._ready else None
+            self._ledger.partial_since = now if self._queue or self._ledger.ready else None
 
     def _submit(self, batch: _Batch, now: float) -> None:
         if batch.first_attempt is None:

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
 
 from ._barrier import FlushBarrier
-from ._batch import Target, _Batch, _Item
+from ._batch import _Item
 from ._caller_counts import CallerCounts
+from ._ledger import Ledger
 from ._lifetime import Lifetime
 from ._odp_target import OdpTarget
-from ._retries import Retries
 from ._senders import Senders
 from ._spooling import Spooling
 from ._tally import Tally
 from ._threads import Wake
-from .event import Encoded
 from .retry import RetryPolicy
 from .settings import Options
 from .transport import Transport
@@ -42,11 +40,9 @@ class ManagerState:
     # caches; a slot is one fixed offset, where a 50-key instance dict costs a hashed lookup each
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
-    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_idle",
-                 "_last_pass", "_ledger", "_life", "_live", "_live_events", "_odp", "_on_outcome", "_partial_since",
-                 "_policy", "_popped", "_priority", "_queue", "_ready", "_refusing_alike", "_retry", "_room",
-                 "_room_waiters", "_seen_empty", "_senders", "_spool", "_tally", "_transport_factory", "_wake",
-                 "logger", "options")
+    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_ledger",
+                 "_life", "_odp", "_on_outcome", "_policy", "_queue", "_room", "_room_waiters", "_senders", "_spool",
+                 "_tally", "_transport_factory", "_wake", "logger", "options")
 
     options: Options
     logger: Any
@@ -70,26 +66,14 @@ class ManagerState:
         self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
         # The sender threads, the transport and the batches in flight: a component (see _senders).
         self._senders = Senders(self.options, self._transport_factory, self._wake)
-        self._idle = False
-        self._last_pass = time.monotonic()  # the worker's last pass (worker writes, callers read)
-        self._seen_empty = True
         self._room_waiters = 0
         # Counted by the caller's side, on rare paths only: refused calls, a full queue's drops.
         self._counts = CallerCounts(self._capacity, self.logger, self._on_outcome is not None)
         # The outcome counters, and what is to be said about outcomes once the ledger is released.
         self._tally = Tally(self._on_outcome, self.logger)
-        # Written under the ledger only (the worker, or the one finisher); read by others without it
-        # where one atomic read is enough (flush()'s barrier).
-        self._popped = 0
-        self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
-        self._priority: Deque[_Batch] = collections.deque()
-        self._retry = Retries()  # batches waiting for another attempt, and the outage (see _retries)
-        self._live: Dict[int, _Batch] = {}  # every batch we own: in flight, retrying, queued next, held
-        self._live_events = 0  # events in _live: pending = queue + _ready + this
-        # Events taken from the queue: target resolved, encoded once (and spooled, with the spool on).
-        self._ready: Deque[Tuple[Encoded, Target]] = collections.deque()
+        # The worker's delivery state, and the lock of every hand-off between owners (see _ledger).
+        self._ledger = Ledger()
         self._spool.reset()
-        self._partial_since: Optional[float] = None
 
     def _make_primitives(self) -> None:
         """The locks and wake-ups the manager itself holds, of this process's threading world now: real
@@ -98,13 +82,6 @@ class ManagerState:
         # overflow="block": callers waiting for room; the worker notifies only when there are some.
         # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
         self._room = threading.Condition(threading.RLock())
-        # The ledger: whoever moves an event from one owner to the next (the caller's queue, _ready, a
-        # batch in _live) or to an outcome holds this lock: the worker for each pass, the closing
-        # thread when it takes over from a worker that has let go of it (see EventManager.end_close),
-        # a late caller draining the queue after the close. stats() reads under it, so its
-        # numbers add up. Never held across a callback, a log line or a wait: what a holder has to
-        # say (on_outcome, log lines) goes to the tally's outbox and is said once the lock is released.
-        self._ledger = threading.RLock()
 
     def _remake_primitives(self) -> None:
         """The process was patched (gevent, eventlet) after the primitives were made: a gunicorn
@@ -113,6 +90,7 @@ class ManagerState:
         waiting on a real lock would block the process's only OS thread."""
         self._make_primitives()
         self._life.remake()
+        self._ledger.remake()
         self._senders.remake(self._wake)
         self._barrier.remake()
         self._counts.remake()

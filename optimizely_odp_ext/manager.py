@@ -145,7 +145,7 @@ class EventManager(CallerQueue, Scheduler):
             # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
             # start threads while the interpreter is exiting, which is when the exit flush runs.
             self._senders.start()
-            self._last_pass = time.monotonic()  # the stall check counts from the worker's start
+            self._ledger.last_pass = time.monotonic()  # the stall check counts from the worker's start
             worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
             # Known before it runs: a close from here on (our SIGTERM handler may interrupt this very
             # line) joins it, rather than counting as unconfirmed a batch it then delivers.
@@ -185,7 +185,7 @@ class EventManager(CallerQueue, Scheduler):
             worker = self._life.worker
         if worker is None or not worker.is_alive() or self._life.finished:
             return self._flush_now(start, timeout is None, None)  # nothing will move without a worker
-        barrier = self._popped + self._counts.popped + len(self._queue)
+        barrier = self._ledger.popped + self._counts.popped + len(self._queue)
         options = self.options
         bound = (options.retry_window + options.connect_timeout + options.request_timeout
                  if timeout is None else max(timeout, 0.0))
@@ -210,14 +210,14 @@ class EventManager(CallerQueue, Scheduler):
 
     def _flush_now(self, start: float, unbounded: bool, why: Optional[str]) -> bool:
         """A flush that cannot wait: True when nothing is pending, else the give-up line and False."""
-        if self._pending(len(self._queue)) == 0:  # an estimate without the ledger: good for a decision to log
+        if self._ledger.pending(len(self._queue)) == 0:  # an estimate without the ledger: good for a decision to log
             return True
         self._flush_gave_up(time.monotonic() - start, unbounded, why)
         return False
 
     def _flush_gave_up(self, waited: float, unbounded: bool, why: Optional[str]) -> None:
         """The one line of every flush that gives up, whatever path it took."""
-        line = (f"flush_odp_events gave up after {waited:.1f} s with about {self._pending(len(self._queue))} "
+        line = (f"flush_odp_events gave up after {waited:.1f} s with about {self._ledger.pending(len(self._queue))} "
                 f"event(s) pending: {why or _why_waiting(self)}.")
         if unbounded:
             self.logger.warning(line)
@@ -289,7 +289,7 @@ class EventManager(CallerQueue, Scheduler):
 
     def _refuse_late(self) -> bool:
         """An event appended once the close finished: whoever pops it counts it, exactly once."""
-        with self._ledger:
+        with self._ledger.lock:
             drained = self._drain_queue()
             outbox = self._tally.take()
         self._tally.say_all(outbox)
@@ -308,13 +308,13 @@ class EventManager(CallerQueue, Scheduler):
         Returns:
             False when the ledger could not be had in time (then the worker finishes).
         """
-        if not self._ledger.acquire(timeout=wait):
+        if not self._ledger.lock.acquire(timeout=wait):
             return False
         try:
             finisher = self._count_what_is_left()
             outbox = self._tally.take()
         finally:
-            self._ledger.release()
+            self._ledger.lock.release()
         self._tally.say_all(outbox)
         if finisher:
             self._release()
@@ -332,14 +332,14 @@ class EventManager(CallerQueue, Scheduler):
             self._report_overflow()
         self._take_results(time.monotonic())  # replies already here count as what they say
         flying = {id(batch) for batch in self._senders.let_go()}
-        in_flight = [e for batch in self._live.values() if id(batch) in flying for e in batch.events]
-        waiting = [e for batch in self._live.values() if id(batch) not in flying for e in batch.events]
-        waiting += [e for e, _ in self._ready]
-        for batch in list(self._live.values()):
-            self._finish_batch(batch)
-        self._ready.clear()
-        self._priority.clear()
-        self._retry.let_go()
+        in_flight = [e for batch in self._ledger.live.values() if id(batch) in flying for e in batch.events]
+        waiting = [e for batch in self._ledger.live.values() if id(batch) not in flying for e in batch.events]
+        waiting += [e for e, _ in self._ledger.ready]
+        for batch in list(self._ledger.live.values()):
+            self._ledger.finish(batch)
+        self._ledger.ready.clear()
+        self._ledger.priority.clear()
+        self._ledger.retry.let_go()
         if self._spool.disk is not None:
             # Written to the spool and not acknowledged: the next process with this spool_dir sends them.
             left = in_flight + waiting
@@ -431,6 +431,6 @@ def _why_waiting(manager: EventManager) -> str:
         return "this process forks uWSGI workers: its events wait for one of them to deliver"
     if manager._life.worker is None or not manager._life.worker.is_alive():
         return "the ODP worker thread is not running (threads cannot start: is the interpreter exiting?)"
-    if manager._retry.failing_since is not None:
+    if manager._ledger.retry.failing_since is not None:
         return "ODP delivery is failing; the events are held and retried within retry_window"
     return "events are still queued or in flight"

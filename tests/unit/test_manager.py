@@ -508,25 +508,26 @@ def test_two_producers_on_an_empty_queue_still_wake_the_worker(build: Build) -> 
     assert manager.flush(WAIT) is True
 
     class WatchedEvent(threading.Event):
-        """The worker's wake-up event; ``idle`` is set while the worker sleeps its long idle wait."""
+        """The worker's wake-up event; ``sleeping`` is set while the worker sleeps its long idle wait."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.idle = threading.Event()
+            self.idle = False  # the worker's flag (see Wake.idle)
+            self.sleeping = threading.Event()
 
         def wait(self, timeout: Optional[float] = None) -> bool:
             if threading.current_thread().name.startswith("odp-ext-worker") and (timeout or 0) >= 1.0:
-                self.idle.set()
+                self.sleeping.set()
             return super().wait(timeout)
 
         def set(self) -> None:
-            self.idle.clear()
+            self.sleeping.clear()
             super().set()
 
     watched, previous = WatchedEvent(), manager._wake
     manager._wake = watched
     previous.set()
-    assert watched.idle.wait(WAIT)  # the worker sleeps with nothing to do
+    assert watched.sleeping.wait(WAIT)  # the worker sleeps with nothing to do
 
     other = (ev("other"), manager._odp.target)
 
