@@ -81,20 +81,17 @@ class CallerQueue(Outcomes):
 
     def _wait_for_room(self) -> bool:
         """overflow="block": waits up to ``block_timeout`` for room. Returns True when there is room."""
-        deadline = time.monotonic() + self.options.block_timeout
-        with self._room:
-            self._room_waiters += 1
-            try:
-                # Closing lets the caller through: close() then delivers or counts the event.
-                while len(self._queue) + len(self._ledger.ready) >= self._capacity and not self._life.closed:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._life.finished:
-                        return False
-                    self._wake.set()  # a full queue is a full batch: the worker must be draining
-                    self._room.wait(min(remaining, _IDLE_WAKE))
-                return True
-            finally:
-                self._room_waiters -= 1
+        queue, ready, capacity, life = self._queue, self._ledger.ready, self._capacity, self._life
+
+        def full() -> bool:
+            # Closing lets the caller through: close() then delivers or counts the event.
+            return len(queue) + len(ready) >= capacity and not life.closed
+
+        def wake() -> None:
+            self._wake.set()  # read at each call: a first start may remake it (see _start)
+
+        return self._room.wait(full, time.monotonic() + self.options.block_timeout, lambda: life.finished,
+                               wake, _IDLE_WAKE)
 
     def _check_stalled(self, waiting: int) -> None:
         """A full batch waits: if the worker has not passed for STALL_SECONDS, threads do not run here.

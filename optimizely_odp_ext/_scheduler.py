@@ -19,7 +19,6 @@ import time
 from typing import Optional
 
 from . import _compat
-from ._barrier import notify_all
 from ._batch import _Batch, _describe, _first_attempt, _rejection
 from ._batcher import Batcher
 from ._bisect import Bisector
@@ -99,8 +98,8 @@ class Scheduler(Batcher, Bisector):
         # Callers blocked on a full queue (overflow="block") are told when there is room, or that the
         # manager closes; never on every pass, or a caller and a worker that cannot drain (no
         # datafile yet, every sender busy) would wake each other in a loop until block_timeout.
-        if self._room_waiters and (self._life.closing or len(self._queue) + len(self._ledger.ready) < self._capacity):
-            notify_all(self._room)
+        if self._room.waiters and (self._life.closing or len(self._queue) + len(self._ledger.ready) < self._capacity):
+            self._room.wake_all()
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:

@@ -8,10 +8,9 @@ queue, the scheduler, the batcher, the bisector, the sender pool, the outcomes);
 from __future__ import annotations
 
 import collections
-import threading
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
 
-from ._barrier import FlushBarrier
+from ._barrier import FlushBarrier, Room
 from ._batch import _Item
 from ._caller_counts import CallerCounts
 from ._ledger import Ledger
@@ -41,8 +40,8 @@ class ManagerState:
     # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
     # for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_ledger",
-                 "_life", "_odp", "_on_outcome", "_policy", "_queue", "_room", "_room_waiters", "_senders", "_spool",
-                 "_tally", "_transport_factory", "_wake", "logger", "options")
+                 "_life", "_odp", "_on_outcome", "_policy", "_queue", "_room", "_senders", "_spool", "_tally",
+                 "_transport_factory", "_wake", "logger", "options")
 
     options: Options
     logger: Any
@@ -66,7 +65,7 @@ class ManagerState:
         self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
         # The sender threads, the transport and the batches in flight: a component (see _senders).
         self._senders = Senders(self.options, self._transport_factory, self._wake)
-        self._room_waiters = 0
+        self._room = Room()  # overflow="block": callers waiting for room (see _barrier)
         # Counted by the caller's side, on rare paths only: refused calls, a full queue's drops.
         self._counts = CallerCounts(self._capacity, self.logger, self._on_outcome is not None)
         # The outcome counters, and what is to be said about outcomes once the ledger is released.
@@ -79,9 +78,6 @@ class ManagerState:
         """The locks and wake-ups the manager itself holds, of this process's threading world now: real
         ones, or green ones once gevent or eventlet patched ``threading`` (see _threads)."""
         self._wake = Wake()  # never blocks its setter: see Wake
-        # overflow="block": callers waiting for room; the worker notifies only when there are some.
-        # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
-        self._room = threading.Condition(threading.RLock())
 
     def _remake_primitives(self) -> None:
         """The process was patched (gevent, eventlet) after the primitives were made: a gunicorn
@@ -93,6 +89,7 @@ class ManagerState:
         self._ledger.remake()
         self._senders.remake(self._wake)
         self._barrier.remake()
+        self._room.remake()
         self._counts.remake()
         self._tally.remake()
 

@@ -29,7 +29,6 @@ import time
 from typing import Any, Callable, Optional
 
 from . import _compat, _lifecycle, _threads, _uwsgi
-from ._barrier import notify_all
 from ._caller_queue import CallerQueue
 from ._lifetime import Lifetime
 from ._odp_target import OdpTarget
@@ -357,7 +356,7 @@ class EventManager(CallerQueue, Scheduler):
         self._spool.close()
         self._senders.stop()
         self._barrier.wake_all()
-        notify_all(self._room)
+        self._room.wake_all()
         if self._life.summary is None:
             self._say_summary()
 
