@@ -3,7 +3,8 @@ thread and the steps of its close, each step taken once.
 
 Who writes what: ``closed`` once, by the first ``close()`` (under :attr:`Lifetime.lock`); ``closing``
 and the deadline by that close; ``close_seen`` by the worker; ``finished`` once, by the close's one
-finisher (under the lock); ``worker`` by whoever starts it (under the start lock). Everyone reads them
+finisher (under the lock); ``worker`` by whoever starts it (under the start lock); ``held_for_fork``
+cleared once, when uWSGI's worker decides what the held events become. Everyone reads them
 without a lock: each is one atomic read, and each only ever goes one way in a process.
 """
 

@@ -1,14 +1,27 @@
-"""The event manager's state, declared once for all its pieces, and who may touch what.
+"""What one event manager holds: a few settings, the caller's queue, and the components that own the rest.
 
-:class:`~optimizely_odp_ext.manager.EventManager` is assembled from one class per job (the caller's
-queue, the scheduler, the batcher, the bisector, the sender pool, the outcomes); each derives from
-:class:`ManagerState`, so the state they share is listed here, grouped by the thread that owns it.
+:class:`~optimizely_odp_ext.manager.EventManager`'s code is split by job (the caller's queue, the
+scheduler, the batcher, the bisector, the outcomes), each a class deriving from :class:`ManagerState`.
+The state is not theirs to share: each part of it is a component that owns it and is told things
+through a few methods, and the hand-offs between threads are objects too (the queue, ``Wake``, the
+ledger's lock, the conditions of :mod:`._barrier`):
+
+- :class:`~._odp_target.OdpTarget` — where events go (the datafile's ODP settings);
+- :class:`~._lifetime.Lifetime` — this process, the worker thread, the steps of the close;
+- :class:`~._spooling.Spooling` — the spool hand-off (opt-in ``spool_dir``);
+- :class:`~._ledger.Ledger` — the worker's delivery state, and the lock of every hand-off between owners;
+- :class:`~._senders.Senders`, :class:`~._tally.Tally`, :class:`~._caller_counts.CallerCounts`,
+  :class:`~._barrier.FlushBarrier`, :class:`~._barrier.Room` — the sender threads, the outcome counters,
+  what callers count, where ``flush()`` and blocked callers wait.
+
+What a caller's send reads on every event stays one attribute away from the manager (the queue, the
+wake-up, the capacity) or one local away (``enqueue`` reads the lifetime and the target once each).
 """
 
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict
 
 from ._barrier import FlushBarrier, Room
 from ._batch import _Item
@@ -30,61 +43,54 @@ _IDLE_WAKE = 5.0  # the worker looks around at least this often, even with nothi
 # do not run in this process (uWSGI without threads support, a frozen interpreter...).
 STALL_SECONDS = 15.0
 
-OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
 
 class ManagerState:
     """Attributes of one manager. Set once in ``EventManager.__init__``, then per process below."""
 
-    # Slots: a caller's send reads about a dozen of these attributes after an idle pause, with cold
-    # caches; a slot is one fixed offset, where a 50-key instance dict costs a hashed lookup each
-    # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
-    # for the process registry (_lifecycle).
+    # Slots: a caller's send reads several of these attributes after an idle pause, with cold caches;
+    # a slot is one fixed offset, where an instance dict costs a hashed lookup each. __dict__ stays
+    # for what tests attach; __weakref__ for the process registry (_lifecycle).
     __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_ledger",
-                 "_life", "_odp", "_on_outcome", "_policy", "_queue", "_room", "_senders", "_spool", "_tally",
-                 "_transport_factory", "_wake", "logger", "options")
+                 "_life", "_odp", "_policy", "_queue", "_room", "_senders", "_spool", "_tally", "_transport_factory",
+                 "_wake", "logger", "options")
 
     options: Options
     logger: Any
     _transport_factory: Callable[[Options], Transport]
     _policy: RetryPolicy
     _defaults: Dict[str, Any]
-    _on_outcome: Optional[OutcomeCallback]
     _capacity: int
     _batch_size: int
     _odp: OdpTarget  # where events go: the ODP settings of the current datafile
-    _life: Lifetime  # this process, its worker thread, the steps of the close
-    _spool: Spooling  # the spool hand-off (spool_dir): writing, acknowledging, the backlog
+    _life: Lifetime  # this process, its worker thread, the steps of the close (kept across a fork: reset)
+    _spool: Spooling  # the spool hand-off (spool_dir): writing, acknowledging, the backlog (likewise)
 
     def _reset_runtime(self) -> None:
         """Everything that belongs to one process: queue, threads, connections, counters."""
         self._life.reset()
-        # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
-        # flag below has a single writer (the caller's side, close() or the worker, as noted).
-        self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)
-        self._make_primitives()
+        # The caller -> worker hand-off, without a lock: deque append/popleft are atomic. Callers
+        # append, the worker pops (with drop_oldest, callers too); the worker takes them under the ledger.
+        self._queue: Deque[_Item] = collections.deque()
+        self._wake = Wake()  # the worker's wake-up: never blocks its setter, and its idle flag (see Wake)
         self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
         # The sender threads, the transport and the batches in flight: a component (see _senders).
         self._senders = Senders(self.options, self._transport_factory, self._wake)
         self._room = Room()  # overflow="block": callers waiting for room (see _barrier)
         # Counted by the caller's side, on rare paths only: refused calls, a full queue's drops.
-        self._counts = CallerCounts(self._capacity, self.logger, self._on_outcome is not None)
+        self._counts = CallerCounts(self._capacity, self.logger, self.options.on_outcome is not None)
         # The outcome counters, and what is to be said about outcomes once the ledger is released.
-        self._tally = Tally(self._on_outcome, self.logger)
+        self._tally = Tally(self.options.on_outcome, self.logger)
         # The worker's delivery state, and the lock of every hand-off between owners (see _ledger).
         self._ledger = Ledger()
         self._spool.reset()
-
-    def _make_primitives(self) -> None:
-        """The locks and wake-ups the manager itself holds, of this process's threading world now: real
-        ones, or green ones once gevent or eventlet patched ``threading`` (see _threads)."""
-        self._wake = Wake()  # never blocks its setter: see Wake
 
     def _remake_primitives(self) -> None:
         """The process was patched (gevent, eventlet) after the primitives were made: a gunicorn
         worker patches after the fork, once a preloaded app made its client. Nothing waits on them
         before the worker starts, so ``_start()`` makes them all again, the components' too: a greenlet
-        waiting on a real lock would block the process's only OS thread."""
-        self._make_primitives()
+        waiting on a real lock would block the process's only OS thread. Each is made of this process's
+        threading world now: real, or green once gevent or eventlet patched ``threading`` (see _threads)."""
+        self._wake = Wake()
         self._life.remake()
         self._ledger.remake()
         self._senders.remake(self._wake)

@@ -1,22 +1,31 @@
 """The event manager: validated events in, batches out to ``{host}/v3/events``.
 
-:class:`EventManager` is assembled from one class per job, each in its own module:
+:class:`EventManager`'s code is split by job, one class per module, each deriving from
+:class:`~._state.ManagerState`:
 
 - :mod:`._caller_queue` — the caller's side: ``enqueue()``, the overflow policy, waking the worker;
-- :mod:`._caller_counts` — a component: what the caller's side counts (refused calls, a full queue's drops);
 - :mod:`._scheduler` — the worker thread: replies, retries, the outage probe, dispatching batches;
-- :mod:`._retries` — a component: the batches waiting for another attempt, and the outage state;
-- :mod:`._batcher` — from the queue to batches: target, encoding, the spool hand-off;
+- :mod:`._batcher` — from the queue to batches: target, encoding, handing each group to the spool;
 - :mod:`._bisect` — a batch refused with a 400: bisecting, or sampling a systemic refusal;
-- :mod:`._senders` — a component: the sender threads doing HTTP through the :class:`~.transport.Transport`;
-- :mod:`._outcomes` — the ledger's bookkeeping: the batches held, each outcome, ``stats()``;
-- :mod:`._barrier` — a component: where ``flush()`` waits (the low-water mark);
-- :mod:`._tally` — a component: the outcome counters, and ``on_outcome`` and log lines said outside the ledger;
-- :mod:`._state` — the state they share, by owning thread, and the ledger lock.
+- :mod:`._outcomes` — each outcome to the tally and the spool, ``stats()``.
 
-This module keeps what ties them together for one manager: construction, the ODP settings of the
-datafile, starting the threads, ``flush()``, ``close()`` and fork handling. What is process-wide
-(the registry of live managers, exit and fork hooks) is in :mod:`._lifecycle`.
+Their state is not a shared bag: :mod:`._state` holds a few settings, the caller's queue and the
+worker's wake-up, and one reference to each component, which owns its state and is told things
+through a few methods:
+
+- :mod:`._odp_target` — ``OdpTarget``: where events go (the datafile's ODP host and key);
+- :mod:`._lifetime` — ``Lifetime``: this process, the worker thread, the steps of the close;
+- :mod:`._ledger` — ``Ledger``: the worker's delivery state and the lock of every hand-off between owners;
+- :mod:`._spooling` — ``Spooling``: the spool hand-off (writing, acknowledging, the backlog);
+- :mod:`._senders` — ``Senders``: the sender threads doing HTTP through the :class:`~.transport.Transport`;
+- :mod:`._retries` — ``Retries``: the batches waiting for another attempt, and the outage state;
+- :mod:`._tally` — ``Tally``: the outcome counters, and ``on_outcome`` and log lines said outside the ledger;
+- :mod:`._caller_counts` — ``CallerCounts``: what the caller's side counts (refused calls, a full queue's drops);
+- :mod:`._barrier` — ``FlushBarrier`` and ``Room``: where ``flush()`` and callers blocked on a full queue wait.
+
+This module keeps what ties them together for one manager: construction, starting the threads,
+``flush()``, ``close()`` and fork handling. What is process-wide (the registry of live managers, exit
+and fork hooks) is in :mod:`._lifecycle`.
 """
 
 from __future__ import annotations
@@ -96,7 +105,6 @@ class EventManager(CallerQueue, Scheduler):
             base=options.backoff_base, cap=options.backoff_max, window=options.retry_window,
             retry_after_cap=options.retry_after_max)
         self._defaults = default_data(sdk_version or _compat.sdk_version())
-        self._on_outcome = options.on_outcome
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
         self._odp = OdpTarget(logger, options.allow_insecure_http)
