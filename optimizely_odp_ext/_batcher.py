@@ -17,7 +17,7 @@ _log = logging.getLogger(__name__)
 
 
 class Batcher(Outcomes):
-    """Moves events from ``_queue`` (and the spool's backlog) to ``_ready``, and ``_ready`` into batches."""
+    """Moves events from ``_queue`` (and the spool's backlog) to ``Ledger.ready``, and from there into batches."""
 
     __slots__ = ()
 

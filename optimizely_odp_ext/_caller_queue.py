@@ -2,8 +2,7 @@
 
 Runs on the application's threads. The common path is a ``deque.append`` and a few attribute reads:
 no lock, no I/O. Only a full queue takes the lock of :class:`~._caller_counts.CallerCounts` (counting a
-drop) or, with
-``overflow="block"``, waits on ``_room`` for the worker to make room.
+drop) or, with ``overflow="block"``, waits in :class:`~._barrier.Room` for the worker to make room.
 """
 
 from __future__ import annotations
