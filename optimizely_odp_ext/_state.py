@@ -14,8 +14,9 @@ ledger's lock, the conditions of :mod:`._barrier`):
   :class:`~._barrier.FlushBarrier`, :class:`~._barrier.Room` — the sender threads, the outcome counters,
   what callers count, where ``flush()`` and blocked callers wait.
 
-What a caller's send reads on every event stays one attribute away from the manager (the queue, the
-wake-up, the capacity) or one local away (``enqueue`` reads the lifetime and the target once each).
+A caller's send reads the queue, the wake-up and the capacity from the manager, and the lifetime, the
+target and the ledger's ready list through them (one local each): a few more objects touched after an
+idle pause, with cold caches, than when all of it was the manager's own (see benchmarks/paced_pieces.py).
 """
 
 from __future__ import annotations
