@@ -63,9 +63,8 @@ class CallerQueue(Outcomes):
         # SPOOL_INTERVAL). Any other time its own timer covers this event: see Scheduler._run.
         size = len(queue)
         full = size % self._batch_size == 0
-        wake = self._wake
-        if wake.idle or full or (size == 1 and self._spool.disk is not None):
-            wake.set()
+        if self._idle or full or (size == 1 and self._spool.disk is not None):
+            self._wake.set()
         if full and not _stall_reported:
             self._check_stalled(size)
         if life.finished:

@@ -66,11 +66,10 @@ class Scheduler(Batcher, Bisector):
                 # other worker has a timer that covers a new event (the flush interval of the
                 # batch being filled, a backoff, the close deadline), or a reply or a full batch
                 # wakes it, and new events could not be sent before that anyway.
-                wake = self._wake
-                wake.idle = self._ledger.seen_empty
-                if not (wake.idle and self._queue):
-                    wake.wait(timeout)
-                wake.idle = False
+                self._idle = self._ledger.seen_empty
+                if not (self._idle and self._queue):
+                    self._wake.wait(timeout)
+                self._idle = False
 
     def _step(self) -> Optional[float]:
         """One pass, under the ledger. Returns how long to sleep, or None to stop (closing and done,

@@ -14,9 +14,10 @@ ledger's lock, the conditions of :mod:`._barrier`):
   :class:`~._barrier.FlushBarrier`, :class:`~._barrier.Room` — the sender threads, the outcome counters,
   what callers count, where ``flush()`` and blocked callers wait.
 
-A caller's send reads the queue, the wake-up and the capacity from the manager, and the lifetime, the
-target and the ledger's ready list through them (one local each): a few more objects touched after an
-idle pause, with cold caches, than when all of it was the manager's own (see benchmarks/paced_pieces.py).
+A caller's send reads the manager's own queue, capacity and ``_idle`` flag (the wake-up itself only
+when it wakes the worker), and the lifetime, the target and the ledger's ready list, one local each:
+it runs after an idle pause, with cold caches, where each object touched counts (measured with
+``benchmarks/paced_pieces.py``: the idle flag on the wake-up object cost more than those three).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class ManagerState:
     # Slots: a caller's send reads several of these attributes after an idle pause, with cold caches;
     # a slot is one fixed offset, where an instance dict costs a hashed lookup each. __dict__ stays
     # for what tests attach; __weakref__ for the process registry (_lifecycle).
-    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_ledger",
-                 "_life", "_odp", "_policy", "_queue", "_room", "_senders", "_spool", "_tally", "_transport_factory",
-                 "_wake", "logger", "options")
+    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_idle",
+                 "_ledger", "_life", "_odp", "_policy", "_queue", "_room", "_senders", "_spool", "_tally",
+                 "_transport_factory", "_wake", "logger", "options")
 
     options: Options
     logger: Any
@@ -72,7 +73,10 @@ class ManagerState:
         # The caller -> worker hand-off, without a lock: deque append/popleft are atomic. Callers
         # append, the worker pops (with drop_oldest, callers too); the worker takes them under the ledger.
         self._queue: Deque[_Item] = collections.deque()
-        self._wake = Wake()  # the worker's wake-up: never blocks its setter, and its idle flag (see Wake)
+        self._wake = Wake()  # the worker's wake-up: never blocks its setter (see Wake)
+        # The worker waits for callers only (nothing else would wake it): they wake it then. Written by
+        # the worker, read on every send: the manager's own, as the wake-up is not touched on most sends.
+        self._idle = False
         self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
         # The sender threads, the transport and the batches in flight: a component (see _senders).
         self._senders = Senders(self.options, self._transport_factory, self._wake)

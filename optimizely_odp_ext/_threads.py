@@ -105,14 +105,11 @@ class Wake:
     also cheaper on the caller's path. ``wait()`` consumes the wake-up; ``clear()`` drops a pending one.
     """
 
-    __slots__ = ("_lock", "idle")
+    __slots__ = ("_lock",)
 
     def __init__(self) -> None:
         self._lock = _thread.allocate_lock()
         self._lock.acquire()  # held: not set
-        # Written by the waiter before it waits for setters only (nothing else would wake it), read by
-        # setters: they set() only then (or for reasons of their own), sparing a call on their path.
-        self.idle = False
 
     def set(self) -> None:
         """Wakes the waiter (now, or at its next ``wait()``). Never blocks."""

@@ -508,26 +508,25 @@ def test_two_producers_on_an_empty_queue_still_wake_the_worker(build: Build) -> 
     assert manager.flush(WAIT) is True
 
     class WatchedEvent(threading.Event):
-        """The worker's wake-up event; ``sleeping`` is set while the worker sleeps its long idle wait."""
+        """The worker's wake-up event; ``idle`` is set while the worker sleeps its long idle wait."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.idle = False  # the worker's flag (see Wake.idle)
-            self.sleeping = threading.Event()
+            self.idle = threading.Event()
 
         def wait(self, timeout: Optional[float] = None) -> bool:
             if threading.current_thread().name.startswith("odp-ext-worker") and (timeout or 0) >= 1.0:
-                self.sleeping.set()
+                self.idle.set()
             return super().wait(timeout)
 
         def set(self) -> None:
-            self.sleeping.clear()
+            self.idle.clear()
             super().set()
 
     watched, previous = WatchedEvent(), manager._wake
     manager._wake = watched
     previous.set()
-    assert watched.sleeping.wait(WAIT)  # the worker sleeps with nothing to do
+    assert watched.idle.wait(WAIT)  # the worker sleeps with nothing to do
 
     other = (ev("other"), manager._odp.target)
 
