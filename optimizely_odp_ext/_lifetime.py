@@ -25,9 +25,8 @@ class Lifetime:
             for one worker to deliver (see _uwsgi).
     """
 
-    # What a caller's send reads (after an idle pause, with cold caches) comes first, next to each other.
-    __slots__ = ("forks_in_c", "held_for_fork", "closed", "worker", "finished", "pid",  # noqa: RUF023
-                 "close_deadline", "close_seen", "closing", "green", "lock", "start_lock", "summary")
+    __slots__ = ("close_deadline", "close_seen", "closed", "closing", "finished", "forks_in_c", "green",
+                 "held_for_fork", "lock", "pid", "start_lock", "summary", "worker")
 
     def __init__(self, held_for_fork: bool) -> None:
         # Re-entrant: the SIGTERM opt-in closes managers from a signal handler, which runs on the main

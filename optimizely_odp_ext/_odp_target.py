@@ -22,8 +22,7 @@ class OdpTarget:
         allow_insecure_http: The ``allow_insecure_http`` option (see :func:`~.transport.check_host`).
     """
 
-    # A send reads the first two (after an idle pause, with cold caches): first, next to each other.
-    __slots__ = ("state", "target", "initial", "refusal", "_allow_insecure", "_logger")  # noqa: RUF023
+    __slots__ = ("_allow_insecure", "_logger", "initial", "refusal", "state", "target")
 
     def __init__(self, logger: Any, allow_insecure_http: bool) -> None:
         self._logger = logger
