@@ -1,12 +1,17 @@
-"""Where ``flush()`` waits: a component that owns the low-water mark and the condition it is told by.
+"""Where callers wait for the worker: components that own a condition and what its waiters wait for.
 
-The low-water mark is the lowest sequence number of an event still held (the worker raises it after
-each pass, under the ledger); a flush waits until it passes the events queued before the call.
+:class:`FlushBarrier` — where ``flush()`` waits: the low-water mark is the lowest sequence number of an
+event still held (the worker raises it after each pass, under the ledger); a flush waits until it
+passes the events queued before the call.
+
+:class:`Room` — where a caller waits with ``overflow="block"`` and a full queue, until the worker has
+taken events from it (or the manager closes).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable, Optional
 
 # How long a notifier waits for a condition's lock. Waiters hold it only between a check and their
@@ -74,6 +79,53 @@ class FlushBarrier:
                     self._cond.wait(wait)
                     if gone():
                         return self.low_water >= barrier or None
+                return True
+            finally:
+                self.waiters -= 1
+
+
+class Room:
+    """``overflow="block"``: the callers waiting for room in a full queue, and their condition. The worker
+    tells them only when there are some (:attr:`waiters`), so it never wakes a caller for nothing."""
+
+    __slots__ = ("_cond", "waiters")
+
+    def __init__(self) -> None:
+        self.remake()
+        self.waiters = 0
+
+    def remake(self) -> None:
+        """Green primitives for a process patched since (see ManagerState._remake_primitives)."""
+        # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
+        self._cond = threading.Condition(threading.RLock())
+
+    def wake_all(self) -> None:
+        """There is room now, or the manager closes: the waiting callers look again."""
+        notify_all(self._cond)
+
+    def wait(self, full: Callable[[], bool], deadline: float, gone: Callable[[], bool], wake: Callable[[], None],
+             patience: float) -> bool:
+        """Waits until the queue is not ``full()`` any more.
+
+        Args:
+            full: Whether the queue is still full (asked before each wait).
+            deadline: When to give up (a monotonic time).
+            gone: Whether room will never come (the close finished): ends the wait.
+            wake: Wakes the worker (a full queue is a full batch: it must be draining).
+            patience: The longest single wait (each wait looks again, whatever woke it).
+
+        Returns:
+            True when there is room, False when out of time or gone.
+        """
+        with self._cond:
+            self.waiters += 1
+            try:
+                while full():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or gone():
+                        return False
+                    wake()
+                    self._cond.wait(min(remaining, patience))
                 return True
             finally:
                 self.waiters -= 1

@@ -5,22 +5,19 @@ once, write it to the spool (opt-in), and cut batches by target, count and bytes
 from __future__ import annotations
 
 import logging
-import time
 from typing import List, Optional, Tuple
 
 from . import _compat
 from ._batch import Target, _Batch
-from ._caller_counts import _WARN_EVERY
 from ._outcomes import Outcomes
 from ._stats import UNDETERMINED
 from .event import Encoded, Pending, batch_size_bytes, encode
-from .transport import events_url
 
 _log = logging.getLogger(__name__)
 
 
 class Batcher(Outcomes):
-    """Moves events from ``_queue`` (and the spool's backlog) to ``_ready``, and ``_ready`` into batches."""
+    """Moves events from ``_queue`` (and the spool's backlog) to ``Ledger.ready``, and from there into batches."""
 
     __slots__ = ()
 
@@ -30,22 +27,8 @@ class Batcher(Outcomes):
         Each event's target is resolved, its ``idempotence_id`` drawn and its JSON encoded once;
         with the spool on, the group is appended to the spool before it can be sent.
         """
-        ready = self._ready
-        while self._recovery is not None and len(ready) < limit:
-            try:
-                host, key, encoded = next(self._recovery)
-            except StopIteration:
-                self._recovery = None
-                break
-            except Exception:
-                _log.exception("reading the spool failed")
-                self._tally.later(self.logger.error,
-                            "ODP spool: reading events left by an earlier process failed; skipping the rest.")
-                self._recovery = None
-                break
-            encoded.seq = -1  # before everything of this process: flush() waits for these too
-            self._recovered_count += 1
-            ready.append((encoded, Target(host, key, events_url(host))))
+        ready = self._ledger.ready
+        self._spool.recover(ready, limit, self._tally.later)
         queue = self._queue
         group: List[Tuple[Target, Encoded]] = []
         max_bytes = self.options.max_batch_bytes
@@ -58,11 +41,11 @@ class Batcher(Outcomes):
             pending, target = item
             if target is None:
                 # Sent before the datafile arrived: it takes the first ODP settings, once known.
-                if self._state is UNDETERMINED:
+                if self._odp.state is UNDETERMINED:
                     queue.appendleft(item)
                     break
-                target = self._initial_target
-            self._popped += 1
+                target = self._odp.initial
+            self._ledger.popped += 1
             if target is None:
                 self._drop_unintegrated(pending)
                 continue
@@ -74,7 +57,7 @@ class Batcher(Outcomes):
                 self._tally.drop([pending], "unencodable", _compat.ODP_EVENT_FAILED.format(
                     f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped"))
                 continue
-            encoded.seq = self._popped + self._counts.popped - 1
+            encoded.seq = self._ledger.popped + self._counts.popped - 1
             if batch_size_bytes(1, len(encoded)) > max_bytes:
                 self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
                     f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "
@@ -82,38 +65,20 @@ class Batcher(Outcomes):
                 continue
             ready.append((encoded, target))
             group.append((target, encoded))
-            if len(group) >= self._batch_size and self._spool is not None:
+            if len(group) >= self._batch_size and self._spool.disk is not None:
                 # Written as it goes: a caller outpacing this loop must not keep everything in memory.
                 self._spool_append(group)
                 group = []
-        if group and self._spool is not None:
+        if group and self._spool.disk is not None:
             self._spool_append(group)
 
     def _spool_append(self, group: List[Tuple[Target, Encoded]]) -> None:
-        spool = self._spool
-        assert spool is not None
-        try:
-            kept = spool.append([(target.host, target.key, encoded) for target, encoded in group])
-        except Exception as exc:
-            _log.exception("spool append failed")
-            self._tally.later(self.logger.error, f"ODP spool: writing failed ({exc.__class__.__name__}: {exc}); "
-                                                 "continuing with memory-only delivery.")
-            self._spool = None
-            return
-        refused = len(group) - kept
-        if refused > 0:
+        refused = self._spool.append(group, self._tally.later)
+        if refused:
             # Over spool_max_bytes: the newest events of this group were not written; drop them.
-            for _ in range(refused):
-                self._ready.pop()
-            self._drop([e for _, e in group[kept:]], "queue_full", None)
-            self._spool_refused += refused
-            now = time.monotonic()
-            if now - self._last_spool_warning >= _WARN_EVERY:  # like the queue's: at most one per _WARN_EVERY
-                self._last_spool_warning = now
-                refused, self._spool_refused = self._spool_refused, 0
-                self._tally.later(self.logger.warning,
-                                  f"ODP spool is full (spool_max_bytes={self.options.spool_max_bytes}); "
-                                  f"dropped {refused} new event(s) since the last warning.")
+            for _ in refused:
+                self._ledger.ready.pop()
+            self._drop(refused, "queue_full", None)
 
     def _take_batch(self) -> Optional[_Batch]:
         """The next batch from the ready list: one target, up to batch_size and max_batch_bytes."""
@@ -121,7 +86,7 @@ class Batcher(Outcomes):
         target: Optional[Target] = None
         body_bytes = 0
         max_bytes = self.options.max_batch_bytes
-        ready = self._ready
+        ready = self._ledger.ready
         while ready and len(events) < self._batch_size:
             encoded, item_target = ready[0]
             if target is None:

@@ -48,9 +48,9 @@ class Bisector(Outcomes):
         first = _Batch(batch.events[:middle], batch.target, batch.first_attempt, family, batch.depth + 1)
         second = _Batch(batch.events[middle:], batch.target, batch.first_attempt, family, batch.depth + 1)
         for half in (first, second):
-            self._own(half)
-        self._priority.appendleft(second)
-        self._priority.appendleft(first)
+            self._ledger.own(half)
+        self._ledger.priority.appendleft(second)
+        self._ledger.priority.appendleft(first)
 
     def _on_refused(self, batch: _Batch, reply: Reply) -> None:
         """A 400: bisect to isolate the bad events, unless ODP refuses everything alike (see _SAMPLES)."""
@@ -58,7 +58,7 @@ class Bisector(Outcomes):
         family = batch.family
         if family is None:
             family = batch.family = _Family(len(batch.events), batch.depth)
-            if self._refusing_alike == reply.status and len(batch.events) > _SAMPLES:
+            if self._ledger.refusing_alike == reply.status and len(batch.events) > _SAMPLES:
                 self._sample(family, batch)
                 return
         if family.systemic:
@@ -95,25 +95,25 @@ class Bisector(Outcomes):
         for index in reversed(picks):
             sample = _Batch([events[index]], batch.target, batch.first_attempt, family, batch.depth + 1)
             sample.sample = True
-            self._own(sample)
-            self._priority.appendleft(sample)
+            self._ledger.own(sample)
+            self._ledger.priority.appendleft(sample)
         rest = [e for i, e in enumerate(events) if i not in picks]
         if rest:
             self._hold(family, _Batch(rest, batch.target, batch.first_attempt, family, batch.depth + 1))
 
     def _hold(self, family: _Family, batch: _Batch) -> None:
-        self._own(batch)  # still pending: flush() and close() wait for it
+        self._ledger.own(batch)  # still pending: flush() and close() wait for it
         family.held.append(batch)
 
     def _release_held(self, family: _Family) -> None:
         """The family is settled (see :meth:`_settle`). Held parts go on: bisected or sent."""
         held, family.held = family.held, []
         for batch in held:
-            self._finish_batch(batch)
+            self._ledger.finish(batch)
             if not batch.refused:
                 family.outstanding += 1
-                self._own(batch)
-                self._priority.append(batch)
+                self._ledger.own(batch)
+                self._ledger.priority.append(batch)
             elif len(batch.events) > 1:
                 self._split(batch, family)
             else:
@@ -122,11 +122,11 @@ class Bisector(Outcomes):
 
     def _refused_systemically(self, family: _Family, reply: Reply) -> None:
         family.systemic = True
-        self._refusing_alike = reply.status
+        self._ledger.refusing_alike = reply.status
         held, family.held = family.held, []
         events = [e for batch in held for e in batch.events]
         for batch in held:
-            self._finish_batch(batch)
+            self._ledger.finish(batch)
         detail = f": {reply.detail.strip()[:200]}" if reply.detail.strip() else ""
         self._drop(events, "rejected_systemic", _compat.ODP_EVENT_FAILED.format(
             f"ODP refused a batch of {family.size} event(s) and every part and sample of it alike with HTTP "

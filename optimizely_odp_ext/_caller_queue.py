@@ -2,8 +2,7 @@
 
 Runs on the application's threads. The common path is a ``deque.append`` and a few attribute reads:
 no lock, no I/O. Only a full queue takes the lock of :class:`~._caller_counts.CallerCounts` (counting a
-drop) or, with
-``overflow="block"``, waits on ``_room`` for the worker to make room.
+drop) or, with ``overflow="block"``, waits in :class:`~._barrier.Room` for the worker to make room.
 """
 
 from __future__ import annotations
@@ -35,38 +34,40 @@ class CallerQueue(Outcomes):
         """
         # A fork through Python reset this manager already (_lifecycle's fork hook); only a host that
         # forks in C (uWSGI) needs the check, which costs a system call on every event.
-        if self._forks_in_c and self._pid != os.getpid():
+        life = self._life  # one object for the manager's life: reset in place after a fork
+        if life.forks_in_c and life.pid != os.getpid():
             self._after_fork()
-        if self._held_for_fork:
+        if life.held_for_fork:
             # A uWSGI master's events, not handed over yet: decided here once this process is a
             # worker (when uWSGI's post-fork hook was replaced), never in the master (see _uwsgi).
             self._uwsgi_started()
-        if self._closed:
+        if life.closed:
             self.logger.error("ODP event not sent: the ODP event manager is closed.")
             self.count_refused("closed")
             return False
-        state = self._state
+        odp = self._odp
+        state = odp.state
         if state is not INTEGRATED and state is not UNDETERMINED:
             not_integrated = state is NOT_INTEGRATED
-            self.logger.error(_compat.ODP_NOT_INTEGRATED if not_integrated else self._refusal)
+            self.logger.error(_compat.ODP_NOT_INTEGRATED if not_integrated else odp.refusal)
             self.count_refused("odp_not_integrated" if not_integrated else "host_refused")
             return False
         queue = self._queue
-        if len(queue) + len(self._ready) >= self._capacity and not self._overflow(pending):
+        if len(queue) + len(self._ledger.ready) >= self._capacity and not self._overflow(pending):
             return True  # accepted, then dropped as queue_full (counted in _overflow)
-        queue.append((pending, self._target))
-        if self._worker is None:
+        queue.append((pending, odp.target))
+        if life.worker is None:
             self._start()
         # Wake the worker only when it waits for callers (its last look found nothing to send), for
         # a full batch, or, with the spool on, for the first event (written to disk at once, see
         # SPOOL_INTERVAL). Any other time its own timer covers this event: see Scheduler._run.
         size = len(queue)
         full = size % self._batch_size == 0
-        if self._idle or full or (size == 1 and self._spool is not None):
+        if self._idle or full or (size == 1 and self._spool.disk is not None):
             self._wake.set()
         if full and not _stall_reported:
             self._check_stalled(size)
-        if self._finished:
+        if life.finished:
             return self._refuse_late()
         return True
 
@@ -78,20 +79,17 @@ class CallerQueue(Outcomes):
 
     def _wait_for_room(self) -> bool:
         """overflow="block": waits up to ``block_timeout`` for room. Returns True when there is room."""
-        deadline = time.monotonic() + self.options.block_timeout
-        with self._room:
-            self._room_waiters += 1
-            try:
-                # Closing lets the caller through: close() then delivers or counts the event.
-                while len(self._queue) + len(self._ready) >= self._capacity and not self._closed:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._finished:
-                        return False
-                    self._wake.set()  # a full queue is a full batch: the worker must be draining
-                    self._room.wait(min(remaining, _IDLE_WAKE))
-                return True
-            finally:
-                self._room_waiters -= 1
+        queue, ready, capacity, life = self._queue, self._ledger.ready, self._capacity, self._life
+
+        def full() -> bool:
+            # Closing lets the caller through: close() then delivers or counts the event.
+            return len(queue) + len(ready) >= capacity and not life.closed
+
+        def wake() -> None:
+            self._wake.set()  # read at each call: a first start may remake it (see _start)
+
+        return self._room.wait(full, time.monotonic() + self.options.block_timeout, lambda: life.finished,
+                               wake, _IDLE_WAKE)
 
     def _check_stalled(self, waiting: int) -> None:
         """A full batch waits: if the worker has not passed for STALL_SECONDS, threads do not run here.
@@ -101,8 +99,8 @@ class CallerQueue(Outcomes):
         Python threads run only while a request runs Python code.
         """
         global _stall_reported  # noqa: PLW0603 - one line per process
-        stalled = time.monotonic() - self._last_pass
-        if stalled < STALL_SECONDS or self._worker is None:
+        stalled = time.monotonic() - self._ledger.last_pass
+        if stalled < STALL_SECONDS or self._life.worker is None:
             return
         _stall_reported = True
         remedy = ("Add --enable-threads to the uWSGI command line (enable-threads = true in its ini)."

@@ -1,7 +1,6 @@
-"""The ledger's bookkeeping: which batches we hold (``_own``/``_finish_batch``), each outcome handed to
-the tally (:mod:`._tally`) and acknowledged to the spool, and :meth:`Outcomes.stats`.
+"""Each outcome handed to the tally (:mod:`._tally`) and acknowledged to the spool, and :meth:`Outcomes.stats`.
 
-Delivered and dropped events are counted under the ledger (``ManagerState._ledger``) by the one party
+Delivered and dropped events are counted under the ledger's lock (:mod:`._ledger`) by the one party
 that removes them from their owner; the caller's side counts refused calls and queue overflows under
 their own lock (:mod:`._caller_counts`, rare paths only). ``pending`` is what the owners hold, counted from them.
 """
@@ -13,7 +12,6 @@ import logging
 import os
 from typing import List, Optional
 
-from ._batch import _Batch
 from ._state import ManagerState
 from ._stats import OdpEventStats
 from .event import Encoded, Pending
@@ -34,16 +32,6 @@ class Outcomes(ManagerState):
         """Counts one call refused before queueing, by reason (one of :data:`REFUSE_REASONS`)."""
         self._counts.refuse(reason)
 
-    def _own(self, batch: _Batch) -> None:
-        """A new batch of events we hold (sent, retried, queued next or held): pending until it ends."""
-        self._live[id(batch)] = batch
-        self._live_events += len(batch.events)
-
-    def _finish_batch(self, batch: _Batch) -> None:
-        """The batch reached an outcome (or was replaced by its parts): it is no longer pending."""
-        if self._live.pop(id(batch), None) is not None:
-            self._live_events -= len(batch.events)
-
     def _drop(self, events: List[Encoded], reason: str, line: Optional[str]) -> None:
         """Events that were encoded (and spooled) end dropped: the spool lets them go, the tally counts."""
         self._ack(events)
@@ -51,11 +39,7 @@ class Outcomes(ManagerState):
 
     def _ack(self, events: List[Encoded]) -> None:
         """An outcome was reached: the spool need not keep these any longer."""
-        if self._spool is not None:
-            try:
-                self._spool.ack(events)
-            except Exception:
-                _log.exception("spool ack failed")
+        self._spool.ack(events)
 
     def _report_overflow(self) -> None:
         self._tally.report("queue_full", self._counts.take_report(),
@@ -68,21 +52,17 @@ class Outcomes(ManagerState):
             while True:
                 drained.append(self._queue.popleft()[0])
         if drained:
-            self._popped += len(drained)
+            self._ledger.popped += len(drained)
             self._tally.drop(drained, "shutdown", None, "not sent by the close deadline")
         return len(drained)
 
-    def _pending(self, queued: int) -> int:
-        """Events held by an owner: the caller's queue (``queued`` of them), ``_ready``, the batches in ``_live``."""
-        return queued + len(self._ready) + self._live_events
-
     def stats(self) -> OdpEventStats:
         """Delivery counts so far, in this process (every key: :class:`OdpEventStats`)."""
-        if self._pid != os.getpid():
+        if self._life.pid != os.getpid():
             # A child forked without Python's fork hooks (uWSGI forks in C) starts with its own zero
             # counts, not its parent's.
             self._after_fork()
-        with self._ledger:
+        with self._ledger.lock:
             queued = len(self._queue)  # read once: callers append meanwhile, without the ledger
             counts = self._counts
             overflowed = counts.overflowed  # likewise: counted in accepted and in dropped alike
@@ -91,17 +71,17 @@ class Outcomes(ManagerState):
             dropped["queue_full"] += overflowed
             # drop_oldest: an event popped by the caller to make room is in overflowed, and the new
             # one took its place in the queue, so each accepted event is counted exactly once.
-            accepted = self._popped + queued + overflowed + self._recovered_count
+            accepted = self._ledger.popped + queued + overflowed + self._spool.recovered
             return {
                 "accepted": accepted,
                 "delivered": tally.delivered,
                 "dropped": dropped,
-                "pending": self._pending(queued),
-                "recovered": self._recovered_count,
+                "pending": self._ledger.pending(queued),
+                "recovered": self._spool.recovered,
                 "left_in_spool": tally.left_in_spool,
                 "refused": dict(counts.refused),
                 "requests": tally.requests,
                 "retries": tally.retries,
                 "queued": queued,
-                "state": self._state,
+                "state": self._odp.state,
             }

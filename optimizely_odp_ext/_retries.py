@@ -85,5 +85,5 @@ class Retries:
         return gone
 
     def let_go(self) -> None:
-        """At close: every waiting retry is counted from the manager's batches (see ``_live``)."""
+        """At close: every waiting retry is counted from the manager's batches (see ``Ledger.live``)."""
         self._heap = []

@@ -19,7 +19,6 @@ import time
 from typing import Optional
 
 from . import _compat
-from ._barrier import notify_all
 from ._batch import _Batch, _describe, _first_attempt, _rejection
 from ._batcher import Batcher
 from ._bisect import Bisector
@@ -39,8 +38,8 @@ class Scheduler(Batcher, Bisector):
     def _run(self) -> None:
         while True:
             self._wake.clear()
-            with self._ledger:
-                if self._finished:
+            with self._ledger.lock:
+                if self._life.finished:
                     # A close finished without us: before we ran (see EventManager._start), or it took
                     # over while we were out of the ledger (see EventManager.end_close).
                     return
@@ -57,7 +56,7 @@ class Scheduler(Batcher, Bisector):
             # timing, never counts.
             self._tally.say_all(outbox)
             if timeout is None:
-                if self._closing:
+                if self._life.closing:
                     self._finish()  # closing, and done or out of time: the worker is the finisher
                 return
             if timeout > 0:
@@ -67,7 +66,7 @@ class Scheduler(Batcher, Bisector):
                 # other worker has a timer that covers a new event (the flush interval of the
                 # batch being filled, a backoff, the close deadline), or a reply or a full batch
                 # wakes it, and new events could not be sent before that anyway.
-                self._idle = self._seen_empty
+                self._idle = self._ledger.seen_empty
                 if not (self._idle and self._queue):
                     self._wake.wait(timeout)
                 self._idle = False
@@ -76,20 +75,20 @@ class Scheduler(Batcher, Bisector):
         """One pass, under the ledger. Returns how long to sleep, or None to stop (closing and done,
         or out of time)."""
         now = time.monotonic()
-        self._last_pass = now
+        self._ledger.last_pass = now
         if self._counts.to_report:
             self._report_overflow()
         self._take_results(now)
         self._expire(now)
-        if self._spool is not None and self._queue:
+        if self._spool.disk is not None and self._queue:
             # Durable quickly: what a crash can lose is what arrived since the last pass.
             self._ingest(self._capacity)
-        if self._closing and not self._close_seen:
-            self._close_seen = True
+        if self._life.closing and not self._life.close_seen:
+            self._life.close_seen = True
             # Shutdown cuts every retry wait short; the close deadline bounds the whole.
-            self._retry.due_by(now, every=False)
-        if self._closing and (now >= self._close_deadline or self._nothing_left()):
-            if self._spool is not None and self._queue:
+            self._ledger.retry.due_by(now, every=False)
+        if self._life.closing and (now >= self._life.close_deadline or self._nothing_left()):
+            if self._spool.disk is not None and self._queue:
                 self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
             self._update_low_water()
             return None
@@ -98,36 +97,32 @@ class Scheduler(Batcher, Bisector):
         # Callers blocked on a full queue (overflow="block") are told when there is room, or that the
         # manager closes; never on every pass, or a caller and a worker that cannot drain (no
         # datafile yet, every sender busy) would wake each other in a loop until block_timeout.
-        if self._room_waiters and (self._closing or len(self._queue) + len(self._ready) < self._capacity):
-            notify_all(self._room)
+        if self._room.waiters and (self._life.closing or len(self._queue) + len(self._ledger.ready) < self._capacity):
+            self._room.wake_all()
         return self._next_wake(time.monotonic())
 
     def _nothing_left(self) -> bool:
-        if self._live or self._ready or self._senders.in_flight() or self._recovery is not None:
+        if self._ledger.live or self._ledger.ready or self._senders.in_flight() or self._spool.recovery is not None:
             return False
         if not self._queue:
             return True
         # Only events held for a datafile that never came are left: nothing can send them.
-        return self._state is UNDETERMINED and self._queue[0][1] is None
+        return self._odp.state is UNDETERMINED and self._queue[0][1] is None
 
     def _update_low_water(self) -> None:
-        low = -1 if self._recovery is not None else self._popped + self._counts.popped
-        if self._ready:
-            low = min(low, self._ready[0][0].seq)
-        for batch in self._live.values():
-            low = min(low, batch.min_seq)
-        self._barrier.raise_to(low)
+        low = -1 if self._spool.recovery is not None else self._ledger.popped + self._counts.popped
+        self._barrier.raise_to(self._ledger.low_water(low))
 
     def _next_wake(self, now: float) -> float:
         wake = _IDLE_WAKE
-        due = self._retry.next_due()
+        due = self._ledger.retry.next_due()
         if due is not None:
             wake = min(wake, due - now)
-        if self._partial_since is not None:
-            wake = min(wake, self._partial_since + self.options.flush_interval - now)
-        if self._closing:
-            wake = min(wake, self._close_deadline - now)
-        if self._spool is not None and self._queue:
+        if self._ledger.partial_since is not None:
+            wake = min(wake, self._ledger.partial_since + self.options.flush_interval - now)
+        if self._life.closing:
+            wake = min(wake, self._life.close_deadline - now)
+        if self._spool.disk is not None and self._queue:
             wake = min(wake, SPOOL_INTERVAL)
         return max(wake, 0.001)
 
@@ -140,21 +135,21 @@ class Scheduler(Batcher, Bisector):
             batch, reply = taken
             was_probe, batch.probe = batch.probe, False
             if was_probe:
-                self._retry.probe_in_flight = False
+                self._ledger.retry.probe_in_flight = False
             verdict = classify(reply.status, len(batch.events))
             if verdict is Verdict.RETRY:
                 self._schedule_retry(batch, reply, now)
                 continue
             # Any other answer ends this part: its group (if it is part of a refused batch) learns it.
             family = self._part_ended(batch)
-            self._finish_batch(batch)
+            self._ledger.finish(batch)
             if verdict is Verdict.DELIVERED:
                 self._ack(batch.events)
                 self._tally.deliver(batch.events, f"HTTP {reply.status}")
-                self._refusing_alike = None
+                self._ledger.refusing_alike = None
                 if family is not None:
                     family.settled = True  # not systemic: its held parts go on (see _settle)
-                if self._retry.failing_since is not None:
+                if self._ledger.retry.failing_since is not None:
                     self._recovered(now)
             elif reply.status == 400:
                 self._on_refused(batch, reply)
@@ -168,13 +163,13 @@ class Scheduler(Batcher, Bisector):
 
     def _rekey(self, batch: _Batch, reply: Reply) -> bool:
         """A 401/403 for events queued under a key the datafile has since replaced: once, the current key."""
-        target = self._target
+        target = self._odp.target
         if batch.rekeyed or target is None or target.key == batch.target.key:
             return False
         moved = _Batch(batch.events, target, batch.first_attempt)
         moved.rekeyed = True
-        self._own(moved)
-        self._priority.append(moved)
+        self._ledger.own(moved)
+        self._ledger.priority.append(moved)
         self._tally.later(self.logger.info,
                     f"ODP refused the previous key {mask_key(batch.target.key)} (HTTP {reply.status}); "
                     f"sending {len(batch.events)} event(s) queued under it with the current key "
@@ -189,39 +184,39 @@ class Scheduler(Batcher, Bisector):
                                  f"last: {_describe(reply)}")
             return
         delay = self._policy.delay(batch.attempts, reply.retry_after)
-        if self._closing:
+        if self._life.closing:
             # Shutdown cuts retry waits short; the close deadline still bounds the whole.
             delay = min(delay, 1.0)
         self._tally.retries += 1
-        if self._retry.push(batch, now + delay, now):
+        if self._ledger.retry.push(batch, now + delay, now):
             self._tally.later(self.logger.warning,
                 f"ODP event delivery failing ({_describe(reply)}); holding events and retrying "
                 f"(next attempt in {delay:.1f} s).")
 
     def _give_up(self, batch: _Batch, why: str) -> None:
         family = self._part_ended(batch)
-        self._finish_batch(batch)
+        self._ledger.finish(batch)
         self._drop(batch.events, "retry_expired", _compat.ODP_EVENT_FAILED.format(
             f"gave up on {len(batch.events)} event(s){why}"))
         if family is not None:
             self._settle(family)
 
     def _recovered(self, now: float) -> None:
-        outage = self._retry.recovered(now)
+        outage = self._ledger.retry.recovered(now)
         self._tally.later(self.logger.info, f"ODP event delivery recovered after {outage:.1f} s.")
 
     def _expire(self, now: float) -> None:
         policy = self._policy
-        for batch in self._retry.take_expired(lambda waiting: policy.expired(_first_attempt(waiting), now)):
+        for batch in self._ledger.retry.take_expired(lambda waiting: policy.expired(_first_attempt(waiting), now)):
             self._give_up(batch, f": retry window of {policy.window:g} s expired")
 
     def _dispatch(self, now: float) -> None:
-        self._seen_empty = False
+        self._ledger.seen_empty = False
         limit = self.options.max_in_flight
         senders = self._senders
-        while self._priority and senders.in_flight() < limit:
-            self._submit(self._priority.popleft(), now)
-        retry = self._retry
+        while self._ledger.priority and senders.in_flight() < limit:
+            self._submit(self._ledger.priority.popleft(), now)
+        retry = self._ledger.retry
         if len(retry) or retry.probe_in_flight:
             if retry.failing_since is not None or retry.probe_in_flight:
                 # ODP is failing: one probe at a time, oldest first; new batches wait behind it.
@@ -240,28 +235,28 @@ class Scheduler(Batcher, Bisector):
                 self._submit(due, now)
             if len(retry):
                 return
-        hurry = self._closing or self._barrier.waiters > 0 or self.options.flush_interval <= 0
+        hurry = self._life.closing or self._barrier.waiters > 0 or self.options.flush_interval <= 0
         while senders.in_flight() < limit:
-            waiting = len(self._queue) + len(self._ready)
-            if waiting == 0 and self._recovery is None:
-                self._partial_since = None
-                self._seen_empty = True  # callers wake us: nothing else would (see _run)
+            waiting = len(self._queue) + len(self._ledger.ready)
+            if waiting == 0 and self._spool.recovery is None:
+                self._ledger.partial_since = None
+                self._ledger.seen_empty = True  # callers wake us: nothing else would (see _run)
                 return
-            if waiting < self._batch_size and not hurry and self._recovery is None:
-                if self._partial_since is None:
-                    self._partial_since = now
-                if now - self._partial_since < self.options.flush_interval:
+            if waiting < self._batch_size and not hurry and self._spool.recovery is None:
+                if self._ledger.partial_since is None:
+                    self._ledger.partial_since = now
+                if now - self._ledger.partial_since < self.options.flush_interval:
                     return
-            self._ingest(self._capacity if self._spool is not None else self._batch_size)
+            self._ingest(self._capacity if self._spool.disk is not None else self._batch_size)
             new_batch = self._take_batch()
             if new_batch is None:
                 # Nothing sendable (events held for the datafile): no timed wake-up, or the worker
                 # would spin every millisecond; update_config() and enqueue() wake it.
-                self._partial_since = None
+                self._ledger.partial_since = None
                 return
-            self._own(new_batch)
+            self._ledger.own(new_batch)
             self._submit(new_batch, now)
-            self._partial_since = now if self._queue or self._ready else None
+            self._ledger.partial_since = now if self._queue or self._ledger.ready else None
 
     def _submit(self, batch: _Batch, now: float) -> None:
         if batch.first_attempt is None:

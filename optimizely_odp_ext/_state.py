@@ -1,30 +1,42 @@
-"""The event manager's state, declared once for all its pieces, and who may touch what.
+"""What one event manager holds: a few settings, the caller's queue, and the components that own the rest.
 
-:class:`~optimizely_odp_ext.manager.EventManager` is assembled from one class per job (the caller's
-queue, the scheduler, the batcher, the bisector, the sender pool, the outcomes); each derives from
-:class:`ManagerState`, so the state they share is listed here, grouped by the thread that owns it.
+:class:`~optimizely_odp_ext.manager.EventManager`'s code is split by job (the caller's queue, the
+scheduler, the batcher, the bisector, the outcomes), each a class deriving from :class:`ManagerState`.
+The state is not theirs to share: each part of it is a component that owns it and is told things
+through a few methods, and the hand-offs between threads are objects too (the queue, ``Wake``, the
+ledger's lock, the conditions of :mod:`._barrier`):
+
+- :class:`~._odp_target.OdpTarget` — where events go (the datafile's ODP settings);
+- :class:`~._lifetime.Lifetime` — this process, the worker thread, the steps of the close;
+- :class:`~._spooling.Spooling` — the spool hand-off (opt-in ``spool_dir``);
+- :class:`~._ledger.Ledger` — the worker's delivery state, and the lock of every hand-off between owners;
+- :class:`~._senders.Senders`, :class:`~._tally.Tally`, :class:`~._caller_counts.CallerCounts`,
+  :class:`~._barrier.FlushBarrier`, :class:`~._barrier.Room` — the sender threads, the outcome counters,
+  what callers count, where ``flush()`` and blocked callers wait.
+
+A caller's send reads the manager's own queue, capacity and ``_idle`` flag (the wake-up itself only
+when it wakes the worker), and the lifetime, the target and the ledger's ready list, one local each:
+it runs after an idle pause, with cold caches, where each object touched counts (measured with
+``benchmarks/paced_pieces.py``: the idle flag on the wake-up object cost more than those three).
 """
 
 from __future__ import annotations
 
 import collections
-import os
-import threading
-import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict
 
-from . import _threads, _uwsgi
-from ._barrier import FlushBarrier
-from ._batch import Target, _Batch, _Item
-from ._caller_counts import _WARN_EVERY, CallerCounts
-from ._retries import Retries
+from ._barrier import FlushBarrier, Room
+from ._batch import _Item
+from ._caller_counts import CallerCounts
+from ._ledger import Ledger
+from ._lifetime import Lifetime
+from ._odp_target import OdpTarget
 from ._senders import Senders
+from ._spooling import Spooling
 from ._tally import Tally
 from ._threads import Wake
-from .event import Encoded
 from .retry import RetryPolicy
 from .settings import Options
-from .spool import Spool
 from .transport import Transport
 
 SPOOL_INTERVAL = 0.05  # with the spool on, queued events are written at least this often (seconds)
@@ -33,111 +45,62 @@ _IDLE_WAKE = 5.0  # the worker looks around at least this often, even with nothi
 # do not run in this process (uWSGI without threads support, a frozen interpreter...).
 STALL_SECONDS = 15.0
 
-OutcomeCallback = Callable[[str, List[Dict[str, Any]], str], None]
 
 class ManagerState:
     """Attributes of one manager. Set once in ``EventManager.__init__``, then per process below."""
 
-    # Slots: a caller's send reads about a dozen of these attributes after an idle pause, with cold
-    # caches; a slot is one fixed offset, where a 50-key instance dict costs a hashed lookup each
-    # (and is past CPython's shared-key limit). __dict__ stays for what tests attach; __weakref__
-    # for the process registry (_lifecycle).
-    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_close_deadline", "_close_seen",
-                 "_closed", "_closing", "_counts", "_defaults", "_finished", "_forks_in_c", "_green", "_held_for_fork",
-                 "_idle", "_initial_target", "_last_pass", "_last_spool_warning", "_ledger", "_lifecycle", "_live",
-                 "_live_events", "_on_outcome", "_partial_since", "_pid", "_policy", "_popped", "_priority", "_queue",
-                 "_ready", "_recovered_count", "_recovery", "_refusal", "_refusing_alike", "_retry", "_room",
-                 "_room_waiters", "_seen_empty", "_senders", "_spool", "_spool_refused", "_start_lock", "_state",
-                 "_summary", "_tally", "_target", "_transport_factory", "_wake", "_worker", "logger", "options")
+    # Slots: a caller's send reads several of these attributes after an idle pause, with cold caches;
+    # a slot is one fixed offset, where an instance dict costs a hashed lookup each. __dict__ stays
+    # for what tests attach; __weakref__ for the process registry (_lifecycle).
+    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_idle",
+                 "_ledger", "_life", "_odp", "_policy", "_queue", "_room", "_senders", "_spool", "_tally",
+                 "_transport_factory", "_wake", "logger", "options")
 
     options: Options
     logger: Any
     _transport_factory: Callable[[Options], Transport]
     _policy: RetryPolicy
     _defaults: Dict[str, Any]
-    _on_outcome: Optional[OutcomeCallback]
     _capacity: int
     _batch_size: int
-    # The ODP settings of the current datafile (written by update_config(), read by everyone).
-    _state: str
-    _target: Optional[Target]
-    _initial_target: Optional[Target]
-    _refusal: str
-    _lifecycle: threading.RLock
-    _closed: bool
-    _spool: Optional[Spool]
-    _recovery: Optional[Iterator[Tuple[str, str, Encoded]]]
-    _held_for_fork: bool  # a process uWSGI forks its workers from: no threads, events held (see _uwsgi)
+    _odp: OdpTarget  # where events go: the ODP settings of the current datafile
+    _life: Lifetime  # this process, its worker thread, the steps of the close (kept across a fork: reset)
+    _spool: Spooling  # the spool hand-off (spool_dir): writing, acknowledging, the backlog (likewise)
 
     def _reset_runtime(self) -> None:
         """Everything that belongs to one process: queue, threads, connections, counters."""
-        self._pid = os.getpid()
-        self._forks_in_c = _uwsgi.hosted()
-        # Shared between threads without a lock: deque append/popleft and Event are atomic, and each
-        # flag below has a single writer (the caller's side, close() or the worker, as noted).
-        self._queue: Deque[_Item] = collections.deque()  # callers append, the worker pops (drop_oldest: callers too)
-        self._make_primitives()
+        self._life.reset()
+        # The caller -> worker hand-off, without a lock: deque append/popleft are atomic. Callers
+        # append, the worker pops (with drop_oldest, callers too); the worker takes them under the ledger.
+        self._queue: Deque[_Item] = collections.deque()
+        self._wake = Wake()  # the worker's wake-up: never blocks its setter (see Wake)
+        # The worker waits for callers only (nothing else would wake it): they wake it then. Written by
+        # the worker, read on every send: the manager's own, as the wake-up is not touched on most sends.
+        self._idle = False
         self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
-        self._worker: Optional[threading.Thread] = None
         # The sender threads, the transport and the batches in flight: a component (see _senders).
         self._senders = Senders(self.options, self._transport_factory, self._wake)
-        self._closing = False
-        self._finished = False
-        # The close's summary line: said once, by the closing thread when one waits for the worker
-        # (the worker may be stuck behind a log handler that very thread holds), else by the finisher.
-        # None: nobody waits; True: a closing thread waits; False: said.
-        self._summary: Optional[bool] = None
-        self._idle = False
-        self._last_pass = time.monotonic()  # the worker's last pass (worker writes, callers read)
-        self._seen_empty = True
-        self._close_seen = False
-        self._close_deadline = 0.0
-        self._room_waiters = 0
+        self._room = Room()  # overflow="block": callers waiting for room (see _barrier)
         # Counted by the caller's side, on rare paths only: refused calls, a full queue's drops.
-        self._counts = CallerCounts(self._capacity, self.logger, self._on_outcome is not None)
+        self._counts = CallerCounts(self._capacity, self.logger, self.options.on_outcome is not None)
         # The outcome counters, and what is to be said about outcomes once the ledger is released.
-        self._tally = Tally(self._on_outcome, self.logger)
-        # Written under the ledger only (the worker, or the one finisher); read by others without it
-        # where one atomic read is enough (flush()'s barrier).
-        self._popped = 0
-        self._refusing_alike: Optional[int] = None  # an HTTP status ODP answers every part of batches with
-        self._priority: Deque[_Batch] = collections.deque()
-        self._retry = Retries()  # batches waiting for another attempt, and the outage (see _retries)
-        self._live: Dict[int, _Batch] = {}  # every batch we own: in flight, retrying, queued next, held
-        self._live_events = 0  # events in _live: pending = queue + _ready + this
-        # Events taken from the queue: target resolved, encoded once (and spooled, with the spool on).
-        self._ready: Deque[Tuple[Encoded, Target]] = collections.deque()
-        self._recovered_count = 0
-        self._recovery = None
-        self._partial_since: Optional[float] = None
-        self._last_spool_warning = -_WARN_EVERY
-        self._spool_refused = 0  # dropped by a full spool since the last warning about it
-
-    def _make_primitives(self) -> None:
-        """The locks and wake-ups the manager itself holds, of this process's threading world now: real
-        ones, or green ones once gevent or eventlet patched ``threading`` (see _threads)."""
-        self._green = _threads.green()
-        self._wake = Wake()  # never blocks its setter: see Wake
-        self._start_lock = threading.Lock()
-        # overflow="block": callers waiting for room; the worker notifies only when there are some.
-        # Re-entrant: our SIGTERM handler may close (and notify it) inside a caller that holds it.
-        self._room = threading.Condition(threading.RLock())
-        # The ledger: whoever moves an event from one owner to the next (the caller's queue, _ready, a
-        # batch in _live) or to an outcome holds this lock: the worker for each pass, the closing
-        # thread when it takes over from a worker that has let go of it (see EventManager.end_close),
-        # a late caller draining the queue after the close. stats() reads under it, so its
-        # numbers add up. Never held across a callback, a log line or a wait: what a holder has to
-        # say (on_outcome, log lines) goes to the tally's outbox and is said once the lock is released.
-        self._ledger = threading.RLock()
+        self._tally = Tally(self.options.on_outcome, self.logger)
+        # The worker's delivery state, and the lock of every hand-off between owners (see _ledger).
+        self._ledger = Ledger()
+        self._spool.reset()
 
     def _remake_primitives(self) -> None:
         """The process was patched (gevent, eventlet) after the primitives were made: a gunicorn
         worker patches after the fork, once a preloaded app made its client. Nothing waits on them
         before the worker starts, so ``_start()`` makes them all again, the components' too: a greenlet
-        waiting on a real lock would block the process's only OS thread."""
-        self._make_primitives()
+        waiting on a real lock would block the process's only OS thread. Each is made of this process's
+        threading world now: real, or green once gevent or eventlet patched ``threading`` (see _threads)."""
+        self._wake = Wake()
+        self._life.remake()
+        self._ledger.remake()
         self._senders.remake(self._wake)
         self._barrier.remake()
+        self._room.remake()
         self._counts.remake()
         self._tally.remake()
 

@@ -1,7 +1,7 @@
 """The outcome counters of one manager, and what is to be said about each outcome.
 
 A component that owns its state: every outcome goes through one of its methods, by the party that
-takes the events from their owner, under the manager's ledger (``ManagerState._ledger``). What is to
+takes the events from their owner, under the ledger's lock (``Ledger.lock``, see _ledger). What is to
 be said (``on_outcome`` calls, log lines) waits in its outbox until the ledger is released: the
 holder takes the outbox (:meth:`Tally.take`) under the ledger and says it (:meth:`Tally.say_all`)
 after, so a slow, raising or re-entrant callback, or a blocking log handler, changes timing, never

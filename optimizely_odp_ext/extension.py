@@ -122,7 +122,7 @@ class OdpExtensionMixin:
                 state.manager.count_refused("odp_disabled")
                 return
             manager = state.manager
-            if manager._state is UNDETERMINED and state.static_config and _read_config(self) is None:
+            if manager._odp.state is UNDETERMINED and state.static_config and _read_config(self) is None:
                 # A datafile given at construction that did not parse: none will ever come.
                 state.logger.error(_compat.INVALID_PROJECT_CONFIG.format("send_odp_event"))
                 manager.count_refused("invalid_client")

@@ -1,22 +1,31 @@
 """The event manager: validated events in, batches out to ``{host}/v3/events``.
 
-:class:`EventManager` is assembled from one class per job, each in its own module:
+:class:`EventManager`'s code is split by job, one class per module, each deriving from
+:class:`~._state.ManagerState`:
 
 - :mod:`._caller_queue` — the caller's side: ``enqueue()``, the overflow policy, waking the worker;
-- :mod:`._caller_counts` — a component: what the caller's side counts (refused calls, a full queue's drops);
 - :mod:`._scheduler` — the worker thread: replies, retries, the outage probe, dispatching batches;
-- :mod:`._retries` — a component: the batches waiting for another attempt, and the outage state;
-- :mod:`._batcher` — from the queue to batches: target, encoding, the spool hand-off;
+- :mod:`._batcher` — from the queue to batches: target, encoding, handing each group to the spool;
 - :mod:`._bisect` — a batch refused with a 400: bisecting, or sampling a systemic refusal;
-- :mod:`._senders` — a component: the sender threads doing HTTP through the :class:`~.transport.Transport`;
-- :mod:`._outcomes` — the ledger's bookkeeping: the batches held, each outcome, ``stats()``;
-- :mod:`._barrier` — a component: where ``flush()`` waits (the low-water mark);
-- :mod:`._tally` — a component: the outcome counters, and ``on_outcome`` and log lines said outside the ledger;
-- :mod:`._state` — the state they share, by owning thread, and the ledger lock.
+- :mod:`._outcomes` — each outcome to the tally and the spool, ``stats()``.
 
-This module keeps what ties them together for one manager: construction, the ODP settings of the
-datafile, starting the threads, ``flush()``, ``close()`` and fork handling. What is process-wide
-(the registry of live managers, exit and fork hooks) is in :mod:`._lifecycle`.
+Their state is not a shared bag: :mod:`._state` holds a few settings, the caller's queue and the
+worker's wake-up, and one reference to each component, which owns its state and is told things
+through a few methods:
+
+- :mod:`._odp_target` — ``OdpTarget``: where events go (the datafile's ODP host and key);
+- :mod:`._lifetime` — ``Lifetime``: this process, the worker thread, the steps of the close;
+- :mod:`._ledger` — ``Ledger``: the worker's delivery state and the lock of every hand-off between owners;
+- :mod:`._spooling` — ``Spooling``: the spool hand-off (writing, acknowledging, the backlog);
+- :mod:`._senders` — ``Senders``: the sender threads doing HTTP through the :class:`~.transport.Transport`;
+- :mod:`._retries` — ``Retries``: the batches waiting for another attempt, and the outage state;
+- :mod:`._tally` — ``Tally``: the outcome counters, and ``on_outcome`` and log lines said outside the ledger;
+- :mod:`._caller_counts` — ``CallerCounts``: what the caller's side counts (refused calls, a full queue's drops);
+- :mod:`._barrier` — ``FlushBarrier`` and ``Room``: where ``flush()`` and callers blocked on a full queue wait.
+
+This module keeps what ties them together for one manager: construction, starting the threads,
+``flush()``, ``close()`` and fork handling. What is process-wide (the registry of live managers, exit
+and fork hooks) is in :mod:`._lifecycle`.
 """
 
 from __future__ import annotations
@@ -29,10 +38,11 @@ import time
 from typing import Any, Callable, Optional
 
 from . import _compat, _lifecycle, _threads, _uwsgi
-from ._barrier import notify_all
-from ._batch import Target
 from ._caller_queue import CallerQueue
+from ._lifetime import Lifetime
+from ._odp_target import OdpTarget
 from ._scheduler import Scheduler
+from ._spooling import Spooling
 from ._state import _IDLE_WAKE, SPOOL_INTERVAL
 from ._stats import (
     DROP_REASONS,
@@ -49,8 +59,7 @@ from ._threads import start_quiet
 from .event import default_data
 from .retry import RetryPolicy
 from .settings import Options
-from .spool import Spool, open_spool
-from .transport import Transport, check_host, default_transport, events_url, mask_key
+from .transport import Transport, default_transport
 
 __all__ = ["DROP_REASONS", "INTEGRATED", "NOT_INTEGRATED", "REFUSED", "REFUSE_REASONS", "SPOOL_INTERVAL",
            "UNDETERMINED", "EventManager", "OdpEventStats", "TransportFactory", "no_stats"]
@@ -96,37 +105,23 @@ class EventManager(CallerQueue, Scheduler):
             base=options.backoff_base, cap=options.backoff_max, window=options.retry_window,
             retry_after_cap=options.retry_after_max)
         self._defaults = default_data(sdk_version or _compat.sdk_version())
-        self._on_outcome = options.on_outcome
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
-        self._state = UNDETERMINED
-        self._target: Optional[Target] = None
-        self._initial_target: Optional[Target] = None
-        self._refusal = ""
-        # Re-entrant: the SIGTERM opt-in closes managers from a signal handler, which runs on the main
-        # thread, possibly while that thread is inside one of these sections.
-        self._lifecycle = threading.RLock()
-        self._closed = False
-        self._spool: Optional[Spool] = None
+        self._odp = OdpTarget(logger, options.allow_insecure_http)
+        self._spool = Spooling(logger, options.spool_max_bytes)
         # A uWSGI master (or loading process) forks its workers in C while its threads run: none is
         # started here, its events are held for one worker to deliver (see _uwsgi).
-        self._held_for_fork = _uwsgi.forks_later()
-        if self._held_for_fork:
+        self._life = Lifetime(_uwsgi.forks_later())
+        if self._life.held_for_fork:
             _uwsgi.prepare(logger)
         self._reset_runtime()
-        if options.spool_dir is not None:
-            self._open_spool(options.spool_dir)
+        if options.spool_dir is not None and self._spool.open(options.spool_dir, options.spool_fsync):
+            self._barrier.low_water = -1  # flush() waits for the backlog too
         if options.api_host is not None and options.api_key is not None:
             self.update_config(options.api_host, options.api_key, True)
         _lifecycle.register(self)
-        if self._recovery is not None:
+        if self._spool.recovery is not None:
             self._start()  # events left by an earlier process go out now, not on the first send
-
-    def _open_spool(self, directory: str) -> None:
-        self._spool = open_spool(directory, self.options.spool_fsync, self.options.spool_max_bytes, self.logger)
-        if self._spool is not None and self._spool.has_backlog():
-            self._recovery = self._spool.recover()
-            self._barrier.low_water = -1
 
     def update_config(self, host: Optional[str], key: Optional[str], determined: bool) -> None:
         """Applies the ODP host and key of a (new) datafile. Events already queued keep theirs.
@@ -136,58 +131,38 @@ class EventManager(CallerQueue, Scheduler):
             key: The public key, or None when ODP is not integrated.
             determined: False while no datafile has arrived (then nothing changes).
         """
-        if not determined:
-            return
-        if host and key:
-            refusal = check_host(host, self.options.allow_insecure_http)
-            if refusal:
-                if self._state is not REFUSED or self._refusal != refusal:
-                    self.logger.error(refusal)
-                self._refusal = refusal
-                self._target = None
-                self._state = REFUSED
-            else:
-                target = Target(host, key, events_url(host))
-                if target != self._target:
-                    self.logger.info(f"ODP events go to {target.url} (key {mask_key(key)}).")
-                    self._target = target
-                if self._initial_target is None:
-                    self._initial_target = target
-                self._state = INTEGRATED
-        else:
-            self._target = None
-            self._state = NOT_INTEGRATED
-        self._wake.set()
+        if self._odp.update(host, key, determined):
+            self._wake.set()
 
     @property
     def state(self) -> str:
         """``"undetermined"`` (no datafile yet), ``"integrated"``, ``"not_integrated"`` or ``"refused"``."""
-        return self._state
+        return self._odp.state
 
     # ----------------------------------------------------------------- lifecycle
 
     def _start(self) -> None:
-        if self._held_for_fork:
+        if self._life.held_for_fork:
             return  # a process uWSGI forks from: the events wait for a worker (see _uwsgi)
-        with self._start_lock:
-            if self._worker is not None or self._finished:
+        with self._life.start_lock:
+            if self._life.worker is not None or self._life.finished:
                 return
-            if self._green is not _threads.green():
+            if self._life.green is not _threads.green():
                 self._remake_primitives()  # patched (gevent, eventlet) since they were made: see _state
             # Every thread is started now, on the first event, never later: Python 3.12+ refuses to
             # start threads while the interpreter is exiting, which is when the exit flush runs.
             self._senders.start()
-            self._last_pass = time.monotonic()  # the stall check counts from the worker's start
+            self._ledger.last_pass = time.monotonic()  # the stall check counts from the worker's start
             worker = threading.Thread(target=self._run, name="odp-ext-worker", daemon=True)
             # Known before it runs: a close from here on (our SIGTERM handler may interrupt this very
             # line) joins it, rather than counting as unconfirmed a batch it then delivers.
-            self._worker = worker
+            self._life.worker = worker
             try:
                 start_quiet(worker)
             except BaseException:
-                self._worker = None  # not started (the interpreter is exiting): the next event tries again
+                self._life.worker = None  # not started (the interpreter is exiting): the next event tries again
                 raise
-        if self._finished:  # a close finished meanwhile (another thread, or our SIGTERM handler on this
+        if self._life.finished:  # a close finished meanwhile (another thread, or our SIGTERM handler on this
             self._senders.stop()  # type: ignore[unreachable]  # one) released what it saw; the worker ends
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -202,22 +177,22 @@ class EventManager(CallerQueue, Scheduler):
         Returns:
             True when all of them reached an outcome, False when it gave up (logged, with why).
         """
-        if self._pid != os.getpid():
+        if self._life.pid != os.getpid():
             self._after_fork()
         start = time.monotonic()
-        worker = self._worker
+        worker = self._life.worker
         if worker is not None and worker is threading.current_thread():
             # From on_outcome (or a log handler) on the worker: it cannot wait for itself.
             return self._flush_now(start, timeout is None, "it was called on the ODP worker thread (from "
                                    "on_outcome?), which cannot wait for itself")
-        if (worker is None or not worker.is_alive()) and self._queue and not self._finished:
+        if (worker is None or not worker.is_alive()) and self._queue and not self._life.finished:
             # A send is starting the worker (or its start failed): start it here, or wait for that start.
             with contextlib.suppress(RuntimeError):  # threads cannot start: the give-up line says so
                 self._start()
-            worker = self._worker
-        if worker is None or not worker.is_alive() or self._finished:
+            worker = self._life.worker
+        if worker is None or not worker.is_alive() or self._life.finished:
             return self._flush_now(start, timeout is None, None)  # nothing will move without a worker
-        barrier = self._popped + self._counts.popped + len(self._queue)
+        barrier = self._ledger.popped + self._counts.popped + len(self._queue)
         options = self.options
         bound = (options.retry_window + options.connect_timeout + options.request_timeout
                  if timeout is None else max(timeout, 0.0))
@@ -225,12 +200,12 @@ class EventManager(CallerQueue, Scheduler):
         def remaining() -> float:
             now = time.monotonic()
             wait = min(deadline - now, _IDLE_WAKE)
-            if timeout is None and self._state is UNDETERMINED:
+            if timeout is None and self._odp.state is UNDETERMINED:
                 wait = min(wait, start + options.close_timeout - now)
             return wait
 
         def gone() -> bool:
-            return self._worker is None or not self._worker.is_alive() or self._finished
+            return self._life.worker is None or not self._life.worker.is_alive() or self._life.finished
 
         reached = self._barrier.wait(barrier, remaining, gone, self._wake.set)
         if reached:
@@ -242,14 +217,14 @@ class EventManager(CallerQueue, Scheduler):
 
     def _flush_now(self, start: float, unbounded: bool, why: Optional[str]) -> bool:
         """A flush that cannot wait: True when nothing is pending, else the give-up line and False."""
-        if self._pending(len(self._queue)) == 0:  # an estimate without the ledger: good for a decision to log
+        if self._ledger.pending(len(self._queue)) == 0:  # an estimate without the ledger: good for a decision to log
             return True
         self._flush_gave_up(time.monotonic() - start, unbounded, why)
         return False
 
     def _flush_gave_up(self, waited: float, unbounded: bool, why: Optional[str]) -> None:
         """The one line of every flush that gives up, whatever path it took."""
-        line = (f"flush_odp_events gave up after {waited:.1f} s with about {self._pending(len(self._queue))} "
+        line = (f"flush_odp_events gave up after {waited:.1f} s with about {self._ledger.pending(len(self._queue))} "
                 f"event(s) pending: {why or _why_waiting(self)}.")
         if unbounded:
             self.logger.warning(line)
@@ -272,17 +247,14 @@ class EventManager(CallerQueue, Scheduler):
         Returns:
             False when the manager was already closed (then :meth:`end_close` must not follow).
         """
-        with self._lifecycle:
-            if self._closed:
-                return False
-            self._closed = True
+        if not self._life.close():
+            return False
         _lifecycle.closing(self, True)
-        if self._pid != os.getpid():
+        if self._life.pid != os.getpid():
             self._after_fork()
         # Told whether or not a worker runs yet: one that a caller is starting meanwhile (on another
         # thread, or on this one under our SIGTERM handler) sees the close at its first pass.
-        self._close_deadline = deadline
-        self._closing = True
+        self._life.begin_closing(deadline)
         self._wake.set()
         return True
 
@@ -294,20 +266,16 @@ class EventManager(CallerQueue, Scheduler):
         takes over only once the worker has let go of the ledger (it is then in a callback or a log
         handler, outside every owner's state); while the worker holds it, the worker finishes later.
         """
-        worker = self._worker
+        worker = self._life.worker
         if worker is not None and worker is threading.current_thread():
             return  # close() from on_outcome: the worker finishes once the callback returns
         if worker is not None and worker.is_alive():
-            with self._lifecycle:
-                if self._summary is None:
-                    self._summary = True  # said here, once the worker is done
+            self._life.wait_to_summarize()  # said here, once the worker is done
             worker.join(max(deadline - time.monotonic(), 0.0) + _CLOSE_MARGIN)
             if worker.is_alive() and not self._finish(_CLOSE_MARGIN):
                 self.logger.warning("ODP event manager: the worker is still busy (a slow on_outcome or log "
                                     "handler?); it finishes the close when it returns.")
-                with self._lifecycle:
-                    if self._summary:
-                        self._summary = None  # the worker says it, when it finishes
+                self._life.stop_waiting_to_summarize()  # the worker says it, when it finishes
             self._say_summary()
             return
         self._finish()
@@ -322,13 +290,13 @@ class EventManager(CallerQueue, Scheduler):
         deadline = time.monotonic() + self.options.close_timeout
         if not self.begin_close(deadline):
             return
-        worker = self._worker
+        worker = self._life.worker
         if worker is None or not worker.is_alive():
             self._finish()
 
     def _refuse_late(self) -> bool:
         """An event appended once the close finished: whoever pops it counts it, exactly once."""
-        with self._ledger:
+        with self._ledger.lock:
             drained = self._drain_queue()
             outbox = self._tally.take()
         self._tally.say_all(outbox)
@@ -347,13 +315,13 @@ class EventManager(CallerQueue, Scheduler):
         Returns:
             False when the ledger could not be had in time (then the worker finishes).
         """
-        if not self._ledger.acquire(timeout=wait):
+        if not self._ledger.lock.acquire(timeout=wait):
             return False
         try:
             finisher = self._count_what_is_left()
             outbox = self._tally.take()
         finally:
-            self._ledger.release()
+            self._ledger.lock.release()
         self._tally.say_all(outbox)
         if finisher:
             self._release()
@@ -365,23 +333,21 @@ class EventManager(CallerQueue, Scheduler):
         Returns:
             True for the one caller that finished the close.
         """
-        with self._lifecycle:
-            if self._finished:
-                return False  # once: the worker and a closing thread may both get here
-            self._finished = True
+        if not self._life.finish():
+            return False  # once: the worker and a closing thread may both get here
         if self._counts.to_report:
             self._report_overflow()
         self._take_results(time.monotonic())  # replies already here count as what they say
         flying = {id(batch) for batch in self._senders.let_go()}
-        in_flight = [e for batch in self._live.values() if id(batch) in flying for e in batch.events]
-        waiting = [e for batch in self._live.values() if id(batch) not in flying for e in batch.events]
-        waiting += [e for e, _ in self._ready]
-        for batch in list(self._live.values()):
-            self._finish_batch(batch)
-        self._ready.clear()
-        self._priority.clear()
-        self._retry.let_go()
-        if self._spool is not None:
+        in_flight = [e for batch in self._ledger.live.values() if id(batch) in flying for e in batch.events]
+        waiting = [e for batch in self._ledger.live.values() if id(batch) not in flying for e in batch.events]
+        waiting += [e for e, _ in self._ledger.ready]
+        for batch in list(self._ledger.live.values()):
+            self._ledger.finish(batch)
+        self._ledger.ready.clear()
+        self._ledger.priority.clear()
+        self._ledger.retry.let_go()
+        if self._spool.disk is not None:
             # Written to the spool and not acknowledged: the next process with this spool_dir sends them.
             left = in_flight + waiting
             self._tally.keep_in_spool(left, "kept in the spool: the next start with this spool_dir sends them")
@@ -395,23 +361,17 @@ class EventManager(CallerQueue, Scheduler):
     def _release(self) -> None:
         """After the close is counted: spool, senders, connections; then wakes whoever waits."""
         _lifecycle.closing(self, False)
-        if self._spool is not None:
-            try:
-                self._spool.close()
-            except Exception:
-                _log.debug("spool close failed", exc_info=True)
+        self._spool.close()
         self._senders.stop()
         self._barrier.wake_all()
-        notify_all(self._room)
-        if self._summary is None:
+        self._room.wake_all()
+        if self._life.summary is None:
             self._say_summary()
 
     def _say_summary(self) -> None:
-        """The close's one summary line (see ``ManagerState._summary``)."""
-        with self._lifecycle:
-            if self._summary is False or not self._finished:
-                return
-            self._summary = False
+        """The close's one summary line (see ``Lifetime.summary``)."""
+        if not self._life.take_summary():
+            return
         stats = self.stats()
         dropped = sum(stats["dropped"].values())
         line = (f"ODP event manager closed: {stats['delivered']} delivered, {dropped} dropped"
@@ -423,7 +383,7 @@ class EventManager(CallerQueue, Scheduler):
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed
+        return self._life.closed
 
     def _after_fork(self) -> None:
         """In a forked child: a fresh queue, worker and connections; the parent's events stay the parent's.
@@ -431,23 +391,22 @@ class EventManager(CallerQueue, Scheduler):
         Except for events a uWSGI master held for its workers: they come along, and
         :meth:`_end_fork_hold` decides whether this process delivers them.
         """
-        if self._pid == os.getpid():
+        if self._life.pid == os.getpid():
             return
-        held, recovery = (list(self._queue), self._recovery) if self._held_for_fork else ([], None)
-        self._lifecycle = threading.RLock()  # another thread may have held it at fork time
+        held = list(self._queue) if self._life.held_for_fork else []
+        self._life.after_fork()
         self._reset_runtime()
-        if self._held_for_fork:
-            self._queue.extend(held)
-            self._recovery = recovery
+        if self._life.held_for_fork:
+            self._queue.extend(held)  # and the spool's backlog, kept by _reset_runtime()
             self._end_fork_hold()
-        elif self._spool is not None:
+        else:
             self._spool.after_fork()
 
     def _uwsgi_started(self) -> None:
         """uWSGI's post-fork hook, in each process it starts (see _uwsgi)."""
-        if self._pid != os.getpid():
+        if self._life.pid != os.getpid():
             self._after_fork()
-        elif self._held_for_fork:
+        elif self._life.held_for_fork:
             self._end_fork_hold()  # without --master, the loading process itself becomes worker 1
 
     def _end_fork_hold(self) -> None:
@@ -455,31 +414,30 @@ class EventManager(CallerQueue, Scheduler):
         taken = _uwsgi.take_held_events()
         if taken is None:
             return  # not known yet: uWSGI's post-fork hook asks again
-        self._held_for_fork = False
+        self._life.held_for_fork = False
         if taken:
             # This process carries on for the master: its queue, and its spool's backlog (the master
             # never touches either again).
-            if self._recovery is not None:
+            if self._spool.recovery is not None:
                 self._barrier.low_water = -1
-            if self._queue or self._recovery is not None:
+            if self._queue or self._spool.recovery is not None:
                 self._start()
             return
         self._reset_runtime()  # another process delivers them: zero counts here
-        if self._spool is not None:
-            self._spool.after_fork()
+        self._spool.after_fork()
 
 
 def _why_waiting(manager: EventManager) -> str:
     """Why events are still pending, for the line of a flush that gives up."""
-    if manager._state is UNDETERMINED:
+    if manager._odp.state is UNDETERMINED:
         return ("no datafile has arrived yet (a wrong SDK key or an unreachable CDN?); events sent "
                 "before it are held until one does")
-    if manager._finished:
+    if manager._life.finished:
         return "the ODP event manager is closed"
-    if manager._held_for_fork:
+    if manager._life.held_for_fork:
         return "this process forks uWSGI workers: its events wait for one of them to deliver"
-    if manager._worker is None or not manager._worker.is_alive():
+    if manager._life.worker is None or not manager._life.worker.is_alive():
         return "the ODP worker thread is not running (threads cannot start: is the interpreter exiting?)"
-    if manager._retry.failing_since is not None:
+    if manager._ledger.retry.failing_since is not None:
         return "ODP delivery is failing; the events are held and retried within retry_window"
     return "events are still queued or in flight"

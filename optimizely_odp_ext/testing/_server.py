@@ -1,4 +1,4 @@
-"""`FakeOdpServer`: its records, its faults, and starting and stopping it."""
+"""`FakeOdpServer`: its records, its faults (`_Faults`), and starting and stopping it."""
 
 from __future__ import annotations
 
@@ -27,6 +27,47 @@ def _check_status(status: int) -> None:
 def _check_seconds(name: str, seconds: float) -> None:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {seconds!r}")
+
+
+class _Faults:
+    """The faults a :class:`FakeOdpServer` injects, and how far each has gone. Guarded by the server's
+    condition: every method is called with it held."""
+
+    __slots__ = ("fail_queue", "fail_window", "hang_queue", "latency", "reject", "reset_counter", "reset_every")
+
+    def __init__(self) -> None:
+        self.fail_queue: Deque[Tuple[int, Optional[str]]] = deque()
+        self.hang_queue: Deque[Optional[float]] = deque()
+        self.clear()
+
+    def clear(self) -> None:
+        self.latency = 0.0
+        self.fail_queue.clear()
+        self.fail_window: tuple[float, int, str | None] | None = None
+        self.reset_every: int | None = None
+        self.reset_counter = 0
+        self.hang_queue.clear()
+        self.reject: EventPredicate | None = None
+
+    def begin_request(self) -> tuple[bool, bool, float | None, float]:
+        """Apply the per-request faults: (reset?, hang?, hang seconds, latency)."""
+        if self.reset_every is not None:
+            self.reset_counter += 1
+            if self.reset_counter % self.reset_every == 0:
+                return True, False, None, 0.0
+        if self.hang_queue:
+            return False, True, self.hang_queue.popleft(), 0.0
+        return False, False, None, self.latency
+
+    def take_failure(self) -> tuple[int, str | None] | None:
+        if self.fail_queue:
+            return self.fail_queue.popleft()
+        if self.fail_window is not None:
+            until, status, retry_after = self.fail_window
+            if time.monotonic() < until:
+                return status, retry_after
+            self.fail_window = None
+        return None
 
 
 class FakeOdpServer:
@@ -76,14 +117,7 @@ class FakeOdpServer:
         self._next_connection_id = 0
         self._open: dict[socket.socket, int] = {}
 
-        # Faults (guarded by _cond).
-        self._latency = 0.0
-        self._fail_queue: Deque[Tuple[int, Optional[str]]] = deque()
-        self._fail_window: tuple[float, int, str | None] | None = None
-        self._reset_every: int | None = None
-        self._reset_counter = 0
-        self._hang_queue: Deque[Optional[float]] = deque()
-        self._reject: EventPredicate | None = None
+        self._faults = _Faults()  # guarded by _cond
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -259,13 +293,7 @@ class FakeOdpServer:
             self._requests.clear()
             self._events.clear()
             self._connection_count = 0
-            self._latency = 0.0
-            self._fail_queue.clear()
-            self._fail_window = None
-            self._reset_every = None
-            self._reset_counter = 0
-            self._hang_queue.clear()
-            self._reject = None
+            self._faults.clear()
             self._cond.notify_all()
 
     # -- fault injection --------------------------------------------------------------------
@@ -274,7 +302,7 @@ class FakeOdpServer:
         """Delay the answer to every request by ``seconds`` (0 disables)."""
         _check_seconds("seconds", seconds)
         with self._cond:
-            self._latency = float(seconds)
+            self._faults.latency = float(seconds)
 
     def fail_next(self, count: int, status: int = 503, retry_after: str | None = None) -> None:
         """Answer the next ``count`` requests to ``/v3/events`` with ``status``; record no events.
@@ -290,7 +318,7 @@ class FakeOdpServer:
             raise ValueError(f"count must be >= 0, got {count}")
         _check_status(status)
         with self._cond:
-            self._fail_queue.extend([(status, retry_after)] * count)
+            self._faults.fail_queue.extend([(status, retry_after)] * count)
 
     def fail_for(self, seconds: float, status: int = 503, retry_after: str | None = None) -> None:
         """Answer every request to ``/v3/events`` during the next ``seconds`` with ``status``.
@@ -306,7 +334,7 @@ class FakeOdpServer:
         _check_seconds("seconds", seconds)
         _check_status(status)
         with self._cond:
-            self._fail_window = (time.monotonic() + seconds, status, retry_after) if seconds > 0 else None
+            self._faults.fail_window = (time.monotonic() + seconds, status, retry_after) if seconds > 0 else None
 
     def rate_limit_next(self, count: int, retry_after: str = "1") -> None:
         """Answer the next ``count`` requests with 429 and ``Retry-After: retry_after``."""
@@ -324,8 +352,8 @@ class FakeOdpServer:
         if n is not None and n < 1:
             raise ValueError(f"n must be >= 1 or None, got {n}")
         with self._cond:
-            self._reset_every = n
-            self._reset_counter = 0
+            self._faults.reset_every = n
+            self._faults.reset_counter = 0
 
     def hang_next(self, count: int, seconds: float | None = None) -> None:
         """Leave the next ``count`` requests unanswered for ``seconds``, then close the connection.
@@ -342,7 +370,7 @@ class FakeOdpServer:
         if seconds is not None:
             _check_seconds("seconds", seconds)
         with self._cond:
-            self._hang_queue.extend([seconds] * count)
+            self._faults.hang_queue.extend([seconds] * count)
 
     def reject_events(self, predicate: Callable[[dict[str, Any]], bool] | None) -> None:
         """Refuse batches containing events for which ``predicate`` is true (400).
@@ -353,7 +381,7 @@ class FakeOdpServer:
         ``detail.message``. ``None`` removes the rule.
         """
         with self._cond:
-            self._reject = predicate
+            self._faults.reject = predicate
 
     # -- internals used by the handler ------------------------------------------------------
 
@@ -382,25 +410,12 @@ class FakeOdpServer:
     def _begin_request(self) -> tuple[bool, bool, float | None, float]:
         """Apply the per-request faults: (reset?, hang?, hang seconds, latency)."""
         with self._cond:
-            if self._reset_every is not None:
-                self._reset_counter += 1
-                if self._reset_counter % self._reset_every == 0:
-                    return True, False, None, 0.0
-            if self._hang_queue:
-                return False, True, self._hang_queue.popleft(), 0.0
-            return False, False, None, self._latency
+            return self._faults.begin_request()
 
     def _take_failure(self) -> tuple[int, str | None] | None:
         with self._cond:
-            if self._fail_queue:
-                return self._fail_queue.popleft()
-            if self._fail_window is not None:
-                until, status, retry_after = self._fail_window
-                if time.monotonic() < until:
-                    return status, retry_after
-                self._fail_window = None
-            return None
+            return self._faults.take_failure()
 
     def _reject_predicate(self) -> EventPredicate | None:
         with self._cond:
-            return self._reject
+            return self._faults.reject

@@ -152,7 +152,7 @@ def test_a_slow_callback_at_close_counts_and_reports_each_event_once(
         client.close()  # returns past its deadline while the callback still blocks
     finally:
         gate.set()
-    worker = manager._worker
+    worker = manager._life.worker
     if worker is not None:
         worker.join(FLUSH_TIMEOUT)
         assert not worker.is_alive()
@@ -228,7 +228,7 @@ def test_a_send_racing_the_close_is_counted_and_reported_once(
     assert stats["pending"] == 0, stats
     assert balanced(stats), stats
     assert list(recorder.outcomes()) == ["race-0"]
-    worker = manager._worker
+    worker = manager._life.worker
     if worker is not None:
         worker.join(FLUSH_TIMEOUT)
 
@@ -400,7 +400,7 @@ def test_a_callback_that_sends_and_closes_reentrantly_changes_no_count(
     assert manager is not None
     send(client, ids("first", 2))
     assert wait_until(lambda: manager.closed, timeout=FLUSH_TIMEOUT)
-    worker = manager._worker
+    worker = manager._life.worker
     assert worker is not None
     worker.join(FLUSH_TIMEOUT)
     assert not worker.is_alive()

@@ -299,15 +299,15 @@ def test_a_backlog_is_spooled_as_it_is_encoded_in_groups_of_at_most_batch_size(
     sending before the ODP settings are known, then giving them."""
     spool = tmp_path / "spool"
     manager = EventManager(make_options(**{**FAST, "spool_dir": str(spool), "batch_size": 10}), log[0])
-    assert manager._spool is not None
+    assert manager._spool.disk is not None
     groups: List[int] = []
-    append = manager._spool.append
+    append = manager._spool.disk.append
 
     def recording_append(records: List[Any]) -> int:
         groups.append(len(records))
         return append(records)
 
-    manager._spool.append = recording_append  # type: ignore[method-assign]
+    manager._spool.disk.append = recording_append  # type: ignore[method-assign]
     try:
         sent = ids("backlog", 500)
         for event_id in sent:

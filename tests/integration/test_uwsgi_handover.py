@@ -80,7 +80,7 @@ _MASTER = """
     send(client, "master", 30)
     manager = manager_of(client)
     threads_after = sorted(t.name for t in threading.enumerate())
-    result = {"held": manager._worker is None, "threads": [threads_before, threads_after],
+    result = {"held": manager._life.worker is None, "threads": [threads_before, threads_after],
               "queued": client.odp_event_stats()["queued"], "reports": []}
     for worker_id in (1, 2, 3):  # the third: a worker respawned later finds the token gone
         def body(worker_id=worker_id):
@@ -89,7 +89,7 @@ _MASTER = """
                     "own": (send(client, "worker%d" % worker_id, 5), client.flush_odp_events(15))[1],
                     "stats": client.odp_event_stats()}
         result["reports"].append(in_child(worker_id, body))  # one after the other
-    result["held_after"] = manager._worker is None
+    result["held_after"] = manager._life.worker is None
     client.close()
     result["master"] = client.odp_event_stats()
     print(json.dumps(result), flush=True)
@@ -146,7 +146,7 @@ _RUNNING_WORKER = """
     client = make_client()  # installed in worker 1 (WORKER_ID): nothing is held, the manager runs here
     send(client, "worker", 10)
     assert client.flush_odp_events(15)
-    assert manager_of(client)._worker is not None
+    assert manager_of(client)._life.worker is not None
     def body():
         send(client, "forked", 5)  # no Python fork hook reset the manager: only its pid check can
         return {"flushed": client.flush_odp_events(15), "stats": client.odp_event_stats()}

@@ -46,7 +46,7 @@ def test_a_blocked_caller_goes_on_when_the_worker_makes_room(build: Build, log: 
     try:
         # Still waiting while the request is held (a bounded look, not a sleep standing in for sync).
         assert not done.wait(0.2)
-        assert manager._room_waiters == 1
+        assert manager._room.waiters == 1
         transport.gate.set()
         assert done.wait(WAIT)
     finally:
@@ -81,9 +81,9 @@ def test_close_releases_a_blocked_caller(build: Build) -> None:
     thread.start()
     try:
         deadline = time.monotonic() + WAIT
-        while manager._room_waiters == 0 and time.monotonic() < deadline:
+        while manager._room.waiters == 0 and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert manager._room_waiters == 1
+        assert manager._room.waiters == 1
         closer = threading.Thread(target=manager.close, kwargs={"timeout": 0.2})
         closer.start()
         assert done.wait(WAIT)  # long before block_timeout
@@ -106,7 +106,7 @@ def test_the_other_policies_never_wait(build: Build) -> None:
     manager.enqueue(ev("e2"))  # drop_newest: refused at once, whatever block_timeout says
     assert time.monotonic() - started < WAIT
     assert manager.stats()["dropped"]["queue_full"] == 1
-    assert manager._room_waiters == 0
+    assert manager._room.waiters == 0
 
 
 @pytest.mark.parametrize("value", [-1.0, math.inf, math.nan, "1", True])

@@ -528,7 +528,7 @@ def test_two_producers_on_an_empty_queue_still_wake_the_worker(build: Build) -> 
     previous.set()
     assert watched.idle.wait(WAIT)  # the worker sleeps with nothing to do
 
-    other = (ev("other"), manager._target)
+    other = (ev("other"), manager._odp.target)
 
     class InterleavedDeque(collections.deque):  # type: ignore[type-arg]
         """Another producer's append lands between this producer's append and its len()."""

@@ -139,3 +139,62 @@ def test_no_module_over_600_lines_and_no_class_over_400() -> None:
                     long_classes.append(f"{name}.{node.name}")
     assert long_modules == []
     assert long_classes == []
+
+
+# Issue 17: components that own their state, not one bag every piece writes to. The options records
+# are exempt: their fields are the user's options, one each, read-only.
+MAX_CLASS_ATTRIBUTES = 20
+MANY_ATTRIBUTES_ALLOWED = {"Options", "InstallOptions"}
+
+
+def _own_attributes(node: ast.ClassDef) -> Set[str]:
+    """What one class body declares: its ``__slots__``, its annotated fields (a dataclass's, a record's)
+    and every ``self.X`` it stores to."""
+    names = {item.target.id for item in node.body
+             if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+             and "ClassVar" not in ast.dump(item.annotation)}
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in sub.targets):
+            slots = ast.literal_eval(sub.value)
+            names.update({slots} if isinstance(slots, str) else set(slots))
+        targets = sub.targets if isinstance(sub, ast.Assign) else (
+            [sub.target] if isinstance(sub, (ast.AnnAssign, ast.AugAssign)) else [])
+        for target in targets:
+            for item in ast.walk(target):
+                if (isinstance(item, ast.Attribute) and isinstance(item.ctx, ast.Store)
+                        and isinstance(item.value, ast.Name) and item.value.id == "self"):
+                    names.add(item.attr)
+    return names - {"__dict__", "__weakref__"}
+
+
+def class_attributes() -> Dict[str, Set[str]]:
+    """Class name -> every attribute its instances get: its own, and its package bases' (mixins)."""
+    classes: Dict[str, ast.ClassDef] = {}
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                assert node.name not in classes, f"two classes named {node.name}: name them apart"
+                classes[node.name] = node
+
+    def attributes(name: str) -> Set[str]:
+        node = classes[name]
+        found = _own_attributes(node)
+        for base in node.bases:
+            if isinstance(base, ast.Name) and base.id in classes:
+                found |= attributes(base.id)
+        return found
+
+    return {name: attributes(name) for name in classes}
+
+
+def test_the_attribute_count_sees_slots_stores_and_mixins() -> None:
+    found = class_attributes()
+    assert {"_cond", "low_water", "waiters"} <= found["FlushBarrier"]  # __slots__
+    assert "_api_key" in found["FakeOdpServer"]  # self.X = ...
+    assert found["EventManager"] >= found["CallerQueue"] | found["Scheduler"]  # bases in the package
+
+
+def test_no_class_holds_more_than_20_attributes() -> None:
+    over = {name: len(names) for name, names in class_attributes().items()
+            if len(names) > MAX_CLASS_ATTRIBUTES and name not in MANY_ATTRIBUTES_ALLOWED}
+    assert over == {}

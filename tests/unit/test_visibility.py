@@ -252,7 +252,7 @@ def stalled_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[EventM
         monkeypatch.setattr(manager, "_step", blocked_step)
         manager._wake.set()
         assert entered.wait(5)
-        manager._last_pass = time.monotonic() - STALL_SECONDS - 1  # as if it had not run since
+        manager._ledger.last_pass = time.monotonic() - STALL_SECONDS - 1  # as if it had not run since
         stalled.append(manager)
         return release
 
