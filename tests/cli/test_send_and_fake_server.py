@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import List
 
+import pytest
+
 from optimizely_odp_ext._datafile import datafile
 from optimizely_odp_ext.testing import FakeOdpServer
 
@@ -76,7 +78,14 @@ def _start_fake_server(*flags: str) -> tuple[subprocess.Popen[bytes], str]:
 def _stop(proc: subprocess.Popen[bytes]) -> List[str]:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=15)
+    try:
+        # Bounds a hang, not a speed: stopping takes a fraction of a second, more on a loaded machine.
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"fake-server did not stop within 60 s of SIGINT; stdout:\n{out.decode()}\n"
+                    f"stderr:\n{err.decode()}")
     return out.decode().splitlines()
 
 
