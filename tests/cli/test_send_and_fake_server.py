@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import List
 
@@ -66,9 +67,15 @@ def test_send_rejected_by_odp(server: FakeOdpServer) -> None:
                                 "ODP answered HTTP 400: ")
 
 
+_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv[0] = 'optimizely_odp_ext'; runpy.run_module('optimizely_odp_ext', run_name='__main__')")
+
+
 def _start_fake_server(*flags: str) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen(cli_command("fake-server", "--key", KEY, *flags), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=cli_env())
+    # SIGINT as a terminal leaves it (Ctrl-C): a job started in the background by a non-interactive
+    # shell (CI's, often) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    command = [sys.executable, "-c", _WITH_CTRL_C, *cli_command("fake-server", "--key", KEY, *flags)[3:]]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     assert proc.stdout is not None
     first = proc.stdout.readline().decode()
     assert first.startswith("fake ODP server on http://127.0.0.1:"), first
