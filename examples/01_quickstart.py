@@ -9,7 +9,7 @@ Expected output (ids and timings differ):
     ODP received 3 events in 1 request(s):
       purchased  {'fs_user_id': 'user123', 'email': 'a@b.com'}  item=shirt price=50.0
       ...
-    stats: accepted=3 delivered=3 dropped=0 invalid=1
+    stats: accepted=3 delivered=3 dropped=0 refused (invalid_input)=1
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> int:
             print(f"  {event['action']:<10} {event['identifiers']}  {extra}")
         stats = client.odp_event_stats()
         print(f"stats: accepted={stats['accepted']} delivered={stats['delivered']} "
-              f"dropped={sum(stats['dropped'].values())} invalid={stats['refused']['invalid_input']}")
+              f"dropped={sum(stats['dropped'].values())} refused (invalid_input)={stats['refused']['invalid_input']}")
         client.close()
         return 0 if len(odp.events) == 3 and stats["delivered"] == 3 else 1
 
