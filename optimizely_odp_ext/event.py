@@ -139,16 +139,25 @@ def _chunker() -> Callable[[Any, int], Sequence[str]]:
     third of the worker's encoding time for one small event. Its arguments here are the ones
     ``iterencode`` passes for ``_encoder`` (the same since Python 3.6), except the circular-reference
     markers: a validated event is three levels of str keys and scalars, so it cannot hold a cycle.
-    Without the C accelerator (PyPy, or a build without ``_json``), ``_dumps`` itself.
+    Without the C accelerator (PyPy, or a build without ``_json``), or if a later Python's private C
+    encoder takes other arguments or encodes a probe differently from ``_dumps``, ``_dumps`` itself.
     """
+    def fallback(obj: Any, _level: int) -> Sequence[str]:
+        return (_dumps(obj),)
+
     make = getattr(json.encoder, "c_make_encoder", None)
     escape = getattr(json.encoder, "c_encode_basestring_ascii", None)
     if make is None or escape is None:
-        return lambda obj, _level: (_dumps(obj),)
-    chunks: Callable[[Any, int], Sequence[str]] = make(
-        None, _encoder.default, escape, None, _encoder.key_separator, _encoder.item_separator,
-        _encoder.sort_keys, _encoder.skipkeys, _encoder.allow_nan)
-    return chunks
+        return fallback
+    probe = {"t": "\u00e9\ud800\"", "d": {"i": -(2**70), "f": 0.1, "b": True, "n": None}}
+    try:
+        chunks: Callable[[Any, int], Sequence[str]] = make(
+            None, _encoder.default, escape, None, _encoder.key_separator, _encoder.item_separator,
+            _encoder.sort_keys, _encoder.skipkeys, _encoder.allow_nan)
+        same = "".join(chunks(probe, 0)) == _dumps(probe)
+    except (TypeError, ValueError):
+        return fallback
+    return chunks if same else fallback
 
 
 _chunks = _chunker()

@@ -404,3 +404,18 @@ def test_encoding_without_the_c_accelerator_gives_the_same_bytes_and_errors() ->
             chunks({"x": math.nan}, 0)
         with pytest.raises(TypeError, match="not JSON serializable"):
             chunks({"x": _Opaque()}, 0)
+
+
+_C_MAKE = json.encoder.c_make_encoder
+
+
+@pytest.mark.parametrize("make", [
+    lambda *args: (_ for _ in ()).throw(TypeError("takes 10 arguments")),  # another signature
+    # Encodes differently (only ours: json's own encoder passes its markers dict, ours None).
+    lambda markers, *args: (lambda obj, level: ("{}",)) if markers is None else _C_MAKE(markers, *args),
+])
+def test_a_c_encoder_that_does_not_match_falls_back_to_json(make: Any) -> None:
+    with mock.patch.object(json.encoder, "c_make_encoder", make):
+        chunks = event._chunker()
+    obj = {"a": ["\u00e9", 1.5]}
+    assert "".join(chunks(obj, 0)) == json.dumps(obj, separators=(",", ":"))
