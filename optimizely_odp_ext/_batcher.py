@@ -11,7 +11,7 @@ from . import _compat
 from ._batch import Target, _Batch
 from ._outcomes import Outcomes
 from ._stats import UNDETERMINED
-from .event import Encoded, Pending, batch_size_bytes, encode
+from .event import Encoded, Pending, encode
 
 _log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class Batcher(Outcomes):
         queue = self._queue
         group: List[Tuple[Target, Encoded]] = []
         max_bytes = self.options.max_batch_bytes
+        max_body = max_bytes - 2  # a batch of one: the body between "[" and "]"
+        ledger, counts = self._ledger, self._counts
         while queue and len(ready) < limit:
             # Pop first, then look: with overflow="drop_oldest" callers pop from this end too.
             try:
@@ -45,22 +47,21 @@ class Batcher(Outcomes):
                     queue.appendleft(item)
                     break
                 target = self._odp.initial
-            self._ledger.popped += 1
+            ledger.popped += 1
             if target is None:
                 self._drop_unintegrated(pending)
                 continue
             try:
-                encoded = encode(pending, self._defaults)
+                encoded = encode(pending, self._defaults, ledger.popped + counts.popped - 1)
             except Exception as exc:
                 # Whatever a pathological value raises (TypeError, RecursionError, MemoryError from a
                 # str subclass's __str__, ...), this event reaches an outcome and the others go on.
                 self._tally.drop([pending], "unencodable", _compat.ODP_EVENT_FAILED.format(
                     f"event cannot be encoded ({exc.__class__.__name__}: {str(exc)[:200]}); dropped"))
                 continue
-            encoded.seq = self._ledger.popped + self._counts.popped - 1
-            if batch_size_bytes(1, len(encoded)) > max_bytes:
+            if len(encoded.body) > max_body:
                 self._drop([encoded], "too_large", _compat.ODP_EVENT_FAILED.format(
-                    f"event {encoded.idempotence_id} is {len(encoded)} bytes, over max_batch_bytes "
+                    f"event {encoded.idempotence_id} is {len(encoded.body)} bytes, over max_batch_bytes "
                     f"({max_bytes}); dropped"))
                 continue
             ready.append((encoded, target))
@@ -84,20 +85,24 @@ class Batcher(Outcomes):
         """The next batch from the ready list: one target, up to batch_size and max_batch_bytes."""
         events: List[Encoded] = []
         target: Optional[Target] = None
-        body_bytes = 0
+        # The batch's size so far, without its closing "]": each event adds its body and one byte
+        # before it ("[" for the first, "," after), so the joined array is ``used + 1`` bytes
+        # (``batch_size_bytes``, kept in one running sum rather than recomputed per event).
+        used = 0
         max_bytes = self.options.max_batch_bytes
+        batch_size = self._batch_size
         ready = self._ledger.ready
-        while ready and len(events) < self._batch_size:
+        while ready and len(events) < batch_size:
             encoded, item_target = ready[0]
             if target is None:
                 target = item_target
             elif item_target != target:
                 break
-            if events and batch_size_bytes(len(events) + 1, body_bytes + len(encoded)) > max_bytes:
+            used += len(encoded.body) + 1
+            if used + 1 > max_bytes and events:
                 break
             ready.popleft()
             events.append(encoded)
-            body_bytes += len(encoded)
         if not events or target is None:
             return None
         return _Batch(events, target)

@@ -7,6 +7,7 @@ import json
 import math
 import uuid
 from typing import Any, Dict, Optional
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -350,3 +351,71 @@ def test_generated_idempotence_ids_are_unique_uuid4_and_differ_after_fork() -> N
     os.waitpid(pid, 0)
     assert child_id != _ids.next()
     assert uuid.UUID(child_id).version == 4
+
+
+def _reference_body(pending: event.Pending, idempotence_id: Any) -> bytes:
+    """How the event was encoded before the worker's fast path: one ``json`` call on the merged dict."""
+    type_, action, identifiers, data = pending
+    merged: Dict[str, Any] = {"idempotence_id": idempotence_id}
+    merged.update(DEFAULTS)
+    merged.update(data or {})
+    obj = {"type": type_, "action": action, "identifiers": identifiers, "data": merged}
+    return json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _pure_python_chunks() -> Any:
+    with mock.patch.object(json.encoder, "c_make_encoder", None):
+        return event._chunker()
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    identifiers=st.dictionaries(_keys, st.text(max_size=20), min_size=1, max_size=4),
+    data=st.one_of(st.none(), st.dictionaries(
+        st.one_of(_keys, st.sampled_from(sorted(DEFAULTS))), _values, max_size=6)),
+    seq=st.integers(min_value=0, max_value=2**40),
+)
+def test_property_encode_is_json_dumps_of_the_merged_event_byte_for_byte(
+    identifiers: Dict[str, str], data: Optional[Dict[str, Any]], seq: int
+) -> None:
+    # Key order too: the id first, then the defaults, the caller's keys overriding them in place.
+    pending = validate("a\u00e9\ud800", identifiers, None, data)
+    assert isinstance(pending, tuple)
+    idempotence_id = data["idempotence_id"] if data and "idempotence_id" in data else "drawn-id"
+    expected = _reference_body(pending, idempotence_id)
+    with mock.patch.object(event._ids, "next", return_value="drawn-id"):
+        encoded = encode(pending, DEFAULTS, seq)
+        with mock.patch.object(event, "_chunks", _pure_python_chunks()):
+            assert encode(pending, DEFAULTS, seq).body == expected
+    assert encoded.body == expected
+    assert encoded.idempotence_id == str(idempotence_id)
+    assert encoded.seq == seq
+
+
+def test_encoding_without_the_c_accelerator_gives_the_same_bytes_and_errors() -> None:
+    pure = _pure_python_chunks()
+    assert pure is not event._chunks
+    obj = {"type": "t", "action": "\u00e9", "identifiers": {"k": "\ud800"},
+           "data": {"f": _FloatSub(1.5), "i": 2**70, "b": True, "n": None}}
+    assert "".join(pure(obj, 0)) == "".join(event._chunks(obj, 0)) == json.dumps(
+        obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    for chunks in (pure, event._chunks):
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            chunks({"x": math.nan}, 0)
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            chunks({"x": _Opaque()}, 0)
+
+
+_C_MAKE = json.encoder.c_make_encoder
+
+
+@pytest.mark.parametrize("make", [
+    lambda *args: (_ for _ in ()).throw(TypeError("takes 10 arguments")),  # another signature
+    # Encodes differently (only ours: json's own encoder passes its markers dict, ours None).
+    lambda markers, *args: (lambda obj, level: ("{}",)) if markers is None else _C_MAKE(markers, *args),
+])
+def test_a_c_encoder_that_does_not_match_falls_back_to_json(make: Any) -> None:
+    with mock.patch.object(json.encoder, "c_make_encoder", make):
+        chunks = event._chunker()
+    obj = {"a": ["\u00e9", 1.5]}
+    assert "".join(chunks(obj, 0)) == json.dumps(obj, separators=(",", ":"))

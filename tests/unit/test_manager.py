@@ -205,6 +205,31 @@ def test_batches_by_bytes(build: Build) -> None:
     assert transport.delivered_ids() == [f"e{i:02d}" for i in range(10)]
 
 
+@pytest.mark.parametrize(("spare", "sizes"), [(0, [3, 3, 3, 1]), (-1, [2, 2, 2, 2, 2])])
+def test_batches_by_bytes_to_the_byte(build: Build, spare: int, sizes: List[int]) -> None:
+    # A limit one byte short of three events' array takes two per batch: the cut is exact, not lenient.
+    size = encoded_len(ev("e00", pad="x" * 20))
+    limit = batch_size_bytes(3, 3 * size) + spare
+    manager, transport = build(batch_size=100, max_batch_bytes=limit, flush_interval=60.0)
+    for i in range(10):
+        manager.enqueue(ev(f"e{i:02d}", pad="x" * 20))
+    assert manager.flush(WAIT) is True
+    assert transport.batch_sizes() == sizes
+    assert max(len(c.body) for c in transport.calls) <= limit
+    assert transport.delivered_ids() == [f"e{i:02d}" for i in range(10)]
+
+
+@pytest.mark.parametrize(("spare", "delivered"), [(0, ["s1", "fits", "s2"]), (-1, ["s1", "s2"])])
+def test_a_single_event_fits_max_batch_bytes_to_the_byte(build: Build, spare: int, delivered: List[str]) -> None:
+    one = ev("fits", blob="x" * 200)
+    manager, transport = build(max_batch_bytes=batch_size_bytes(1, encoded_len(one)) + spare, flush_interval=60.0)
+    for pending in (ev("s1"), one, ev("s2")):
+        manager.enqueue(pending)
+    assert manager.flush(WAIT) is True
+    assert transport.delivered_ids() == delivered
+    assert check_invariant(manager)["dropped"] == no_drops(too_large=3 - len(delivered))
+
+
 def test_single_event_over_max_batch_bytes_is_dropped_too_large(build: Build, log: Log) -> None:
     big = ev("big-1", blob="x" * 400)
     manager, transport = build(max_batch_bytes=300, flush_interval=60.0)
