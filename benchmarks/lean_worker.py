@@ -68,11 +68,7 @@ def run_floor(cfg: Dict[str, Any], emit: Callable[..., None], wait_command: Call
             batch = []
     connection.close()
     cpu = time.process_time() - cpu0
-    emit("sent", sent=count, t_first=t_first, send_seconds=time.monotonic() - t_first, cpu0=cpu0,
-         cpu_after_send_and_flush=cpu, failed=failed)
-    wait_command()
-    emit("final", cpu_seconds=cpu, close_seconds=0.0, drained=None, stats_before_close={})
-    return 0
+    return _report(emit, wait_command, count=count, t_first=t_first, cpu0=cpu0, cpu=cpu, failed=failed)
 
 
 def run_stack(cfg: Dict[str, Any], emit: Callable[..., None], wait_command: Callable[[], str],
@@ -88,6 +84,12 @@ def run_stack(cfg: Dict[str, Any], emit: Callable[..., None], wait_command: Call
     t_first = time.monotonic()
     failed = sum(post(body) != 202 for body in bodies)
     cpu = time.process_time() - cpu0
+    return _report(emit, wait_command, count=count, t_first=t_first, cpu0=cpu0, cpu=cpu, failed=failed)
+
+
+def _report(emit: Callable[..., None], wait_command: Callable[[], str], *, count: int, t_first: float,
+            cpu0: float, cpu: float, failed: int) -> int:
+    """What a side without a manager reports: the "sent" line, then "final" once told to finish."""
     emit("sent", sent=count, t_first=t_first, send_seconds=time.monotonic() - t_first, cpu0=cpu0,
          cpu_after_send_and_flush=cpu, failed=failed)
     wait_command()
