@@ -66,10 +66,27 @@ class Outcome:
         self.lost = sent_set - self.delivered
         self.duplicates = {i: n for i, n in counts.items() if n > 1}
         self.unexpected = set(counts) - sent_set
+        self._carriers = _carriers(server, list(self.duplicates)[:3])
 
     def __repr__(self) -> str:
         return (f"Outcome(delivered={len(self.delivered)}, lost={sorted(self.lost)[:10]}, "
-                f"duplicates={dict(list(self.duplicates.items())[:10])}, unexpected={sorted(self.unexpected)[:10]})")
+                f"duplicates={dict(list(self.duplicates.items())[:10])}, unexpected={sorted(self.unexpected)[:10]})"
+                + "".join(f"\n  requests carrying {event_id}: {carriers}"
+                          for event_id, carriers in self._carriers.items()))
+
+
+def _carriers(server: FakeOdpServer, event_ids: Sequence[str]) -> Dict[str, List[str]]:
+    """For a failure message: each request that carried one of ``event_ids`` (status, when it was
+    read in full, on which connection). A repeat after a slow answer is a retry of a request the
+    sender gave up on (its ``request_timeout``); a repeat after a 2xx answered at once is a bug."""
+    requests = server.requests
+    start = requests[0].received_at if requests else 0.0
+    found: Dict[str, List[str]] = {}
+    for event_id in event_ids:
+        needle = f'"{event_id}"'.encode()
+        found[event_id] = [f"status {r.status} at +{r.received_at - start:.3f} s on connection {r.connection_id}"
+                           for r in requests if needle in r.body]
+    return found
 
 
 def assert_delivered_exactly_once(server: FakeOdpServer, sent: Sequence[str],

@@ -20,6 +20,14 @@ from optimizely import optimizely
 import optimizely_odp_ext
 from optimizely_odp_ext._datafile import datafile
 
+# What the test reads from gunicorn's output besides gunicorn's own lines: when each process began
+# and ended its close ("odp-ext <epoch seconds> <pid> <message>": one clock for every process).
+_trace = logging.StreamHandler()
+_trace.setFormatter(logging.Formatter("odp-ext %(created).3f %(process)d %(message)s"))
+for _name, _level in (("optimizely_odp_ext._lifecycle", logging.DEBUG), ("gunicorn_app", logging.INFO)):
+    logging.getLogger(_name).addHandler(_trace)
+    logging.getLogger(_name).setLevel(_level)
+
 client = optimizely.Optimizely(datafile(os.environ["ODP_TEST_URL"], os.environ["ODP_TEST_KEY"]),
                                logger=logging.getLogger("gunicorn_app"))
 optimizely_odp_ext.install(client, close_timeout=float(os.environ["ODP_TEST_CLOSE_TIMEOUT"]))
