@@ -1,13 +1,16 @@
-"""uWSGI: the flags the plugin needs (--enable-threads, --die-on-term); SIGTERM loses nothing."""
+"""uWSGI: the flags the plugin needs (--enable-threads, --die-on-term, SIGTERM made graceful); SIGTERM loses nothing."""
 
 # Run it: pip install uwsgi && python examples/08_uwsgi.py
 # Serve it:
 #   uwsgi --http-socket 127.0.0.1:8000 --chdir examples --module "08_uwsgi:create_app()" \
-#         --master --processes 2 --enable-threads --die-on-term
+#         --master --processes 2 --enable-threads --die-on-term \
+#         --hook-master-start "unix_signal:15 gracefully_kill_them_all"
 # --enable-threads: without it older uWSGI releases run no Python thread but the request's, so the
 #   plugin's sender never runs and events wait until exit. --die-on-term: SIGTERM stops uWSGI (uWSGI
 #   2.0 reloads on SIGTERM otherwise); each worker's interpreter then exits and the plugin's exit hook
-#   delivers. No --lazy-apps needed: the app (and its client) may be loaded in the master; the plugin
+#   delivers. The hook makes that SIGTERM uWSGI's graceful stop: on uWSGI 2.0 it is otherwise the brutal
+#   one, and a worker still finishing a request dies without running any Python exit hook (what it
+#   queued is lost). No --lazy-apps needed: the app (and its client) may be loaded in the master; the plugin
 #   starts no thread there and hands the master's events to one worker.
 # Expected output (the demo serves it under uWSGI against a fake ODP server, then sends SIGTERM):
 #   sent 40, ODP received 40 events ({'request': 40}), lost 0, duplicated 0, 2 worker process(es),
@@ -41,7 +44,8 @@ def create_app() -> Callable[[dict, StartResponse], Iterable[bytes]]:  # type: i
     return application
 
 
-FLAGS = ["--master", "--processes", "2", "--enable-threads", "--die-on-term"]
+FLAGS = ["--master", "--processes", "2", "--enable-threads", "--die-on-term",
+         "--hook-master-start", "unix_signal:15 gracefully_kill_them_all"]
 
 if __name__ == "__main__":
     import _demo

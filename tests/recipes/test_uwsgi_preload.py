@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -51,9 +52,9 @@ def _free_ports(count: int) -> List[int]:
             sock.close()
 
 
-def _get(url: str) -> Optional[str]:
+def _get(url: str, timeout: float = 2.0) -> Optional[str]:
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as reply:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
             return str(reply.read().decode())
     except OSError:
         return None
@@ -62,14 +63,16 @@ def _get(url: str) -> Optional[str]:
 class Boot:
     """One ``uwsgi --master --processes 2`` run; worker n listens on ``ports[n - 1]``."""
 
-    def __init__(self, number: int, odp: FakeOdpServer, log_path: Path, flags: Tuple[str, ...]) -> None:
+    def __init__(self, number: int, odp: FakeOdpServer, log_path: Path, flags: Tuple[str, ...],
+                 env: Optional[Dict[str, str]] = None) -> None:
         self.number = number
         self.ports = _free_ports(WORKERS)
         sockets = [arg for port in self.ports for arg in ("--http-socket", f"127.0.0.1:{port}")]
         mapping = [arg for n in range(WORKERS) for arg in ("--map-socket", f"{n}:{n + 1}")]
         env = {**os.environ, "ODP_TEST_URL": odp.url, "ODP_TEST_KEY": TEST_KEY, "ODP_TEST_BOOT": f"b{number}",
                "ODP_TEST_MASTER_EVENTS": str(MASTER_EVENTS),
-               "PYTHONPATH": os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+               "PYTHONPATH": os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               **(env or {})}
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -173,3 +176,41 @@ def test_preloaded_app_every_worker_answers_every_event_delivered_once(tmp_path:
     assert not twice, f"{summary}: e.g. {list(twice.items())[:5]}"
     assert not stats_wrong, f"{summary}: accepted per worker (expected [0, {MASTER_EVENTS}]): {stats_wrong}"
     assert len(received) == len(expected) == boots * (MASTER_EVENTS + WORKERS * REQUESTS_PER_WORKER)
+
+
+# uWSGI 2.0's SIGTERM with --die-on-term is its brutal stop: workers get SIGINT and exit at once, and
+# a worker still in a request skips every Python exit hook ("if busy", uwsgi_python_atexit). This hook
+# (uWSGI's documented recipe) makes SIGTERM its graceful stop: workers finish their request, then exit
+# with their exit hooks.
+GRACEFUL_SIGTERM = ("--hook-master-start", "unix_signal:15 gracefully_kill_them_all")
+HOLD_SECONDS = 3.0  # how long the held request takes: the SIGTERM lands inside it
+
+
+def test_sigterm_while_a_worker_is_mid_request_loses_nothing_with_the_graceful_hook(tmp_path: Path) -> None:
+    """The documented flags: a SIGTERM landing while a worker serves a slow request. The event that
+    request sent is still queued (``flush_interval`` 60 s), so only the worker's exit can deliver it:
+    it arrives once, the request is answered, and uWSGI exits 0. (Without the hook the worker dies
+    busy and the event is lost: run with ``GRACEFUL_SIGTERM = ()`` to see it.)"""
+    if not UWSGI.exists():
+        pytest.skip("uWSGI is not installed beside this Python (nox -s recipes installs it)")
+    with FakeOdpServer(TEST_KEY) as odp:
+        boot = Boot(0, odp, tmp_path / "uwsgi.log", GRACEFUL_SIGTERM,
+                    env={"ODP_TEST_MASTER_EVENTS": "0", "ODP_TEST_FLUSH_INTERVAL": "60",
+                         "ODP_TEST_HOLD_SECONDS": str(HOLD_SECONDS)})
+        answers: List[Optional[str]] = []
+        holder = threading.Thread(target=lambda: answers.append(
+            _get(f"http://127.0.0.1:{boot.ports[0]}/hold?id=held", timeout=HOLD_SECONDS + 10)))
+        try:
+            assert len(boot.answers()) == WORKERS, boot.log_path.read_text()[-1500:]
+            holder.start()
+            assert wait_until(lambda: "holding held" in boot.log_path.read_text(), timeout=ANSWER_TIMEOUT,
+                              interval=0.02), boot.log_path.read_text()[-1500:]
+            assert odp.events == []  # queued in the busy worker: its exit is what delivers it
+        finally:
+            code = boot.stop()
+            holder.join(HOLD_SECONDS + 15)
+        log = boot.log_path.read_text()[-3000:]
+        assert [e["data"]["idempotence_id"] for e in odp.events] == ["held"], log
+        assert code == 0, log
+        assert len(answers) == 1, log
+        assert answers[0] is not None, log  # the request was answered
