@@ -56,6 +56,8 @@ _UWSGI = """
         if pid == 0:
             code = 70
             try:
+                # A hung child prints its own stacks and ends (the test's SIGUSR1 comes later).
+                faulthandler.dump_traceback_later(60, exit=True)
                 os.close(read_end)
                 IDENTITY["worker_id"] = worker_id
                 if hook:
@@ -65,9 +67,16 @@ _UWSGI = """
             finally:
                 os._exit(code)
         os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            report = pipe.read()
+        # The child's end, then what it wrote (a report is far smaller than a pipe's buffer): not an
+        # EOF, which a copy of the write end held elsewhere would never let come.
         _, status = os.waitpid(pid, 0)
+        os.set_blocking(read_end, False)
+        try:
+            report = os.read(read_end, 1 << 20)
+        except BlockingIOError:
+            report = b""
+        finally:
+            os.close(read_end)
         assert status == 0 and report, "worker %d ended with status %d" % (worker_id, status)
         return json.loads(report)
 """
