@@ -19,8 +19,9 @@ One ``FakeOdpServer`` on 127.0.0.1 in this process; every run is a fresh ``bench
 2. **raw stacks**: pre-encoded batches of 100 POSTed over one keep-alive connection by ``http.client``,
    ``urllib3``, ``requests`` and our two transports: client CPU per event of the HTTP layer alone.
 3. **latency sweep**: the server adds 0, 20, 50 and 150 ms to every request (``set_latency``);
-   ``--sweep-events`` (10,000) for the floor, ours through each transport, and (for phase 2's adaptive
-   concurrency) ours through urllib3 with ``max_in_flight=16``: what more requests in flight allow.
+   ``--sweep-events`` (10,000) for the floor, ours with the defaults, ours as issue 19 found it
+   (requests, 100 events per request, 4 in flight: ``max_batch_size=100, max_in_flight=4``), and ours
+   with ``max_in_flight=4`` (what growing batches alone give).
 
 The section between the ``lean-benchmark`` markers of ``RESULTS.md`` is rewritten; the rest is
 ``run.py``'s and ``import_bench.py``'s.
@@ -46,12 +47,15 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "ours (urllib3)": ("ours", {"transport": "urllib3"}),
     "ours (requests)": ("ours", {"transport": "requests"}),
     "sdk": ("sdk", {}),
-    # Sweep only, for phase 2 (adaptive concurrency): what more requests in flight allow over a slow link.
-    "ours (urllib3), max_in_flight=16": ("ours", {"transport": "urllib3", "options": {"max_in_flight": 16}}),
+    # Sweep only. Where issue 19 started: requests, every request 100 events, 4 in flight.
+    "before (requests, 100 per request, 4 in flight)": (
+        "ours", {"transport": "requests", "options": {"max_batch_size": 100, "max_in_flight": 4}}),
+    # Batches growing toward 500 alone, without more requests in flight.
+    "ours, max_in_flight=4": ("ours", {"transport": "urllib3", "options": {"max_in_flight": 4}}),
 }
 E2E = ("floor", "ours (urllib3)", "ours (requests)", "sdk")
 STACKS = ("http.client", "urllib3", "requests", "Urllib3Transport", "RequestsTransport")
-SWEEP = ("floor", "ours (urllib3)", "ours (requests)", "ours (urllib3), max_in_flight=16")
+SWEEP = ("floor", "ours (urllib3)", "before (requests, 100 per request, 4 in flight)", "ours, max_in_flight=4")
 LATENCIES = (0.0, 0.02, 0.05, 0.15)
 
 
@@ -96,12 +100,12 @@ class Lean(Runner):
                 runs[stack].append(self.one(stack, "stack", {"stack": stack}, 0.0, events))
         return runs
 
-    def sweep(self, events: int) -> Dict[str, Dict[str, List[Dict[str, Any]]]]:
+    def sweep(self, events: int, latencies: Sequence[float]) -> Dict[str, Dict[str, List[Dict[str, Any]]]]:
         runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {f"{ms:g}": {label: [] for label in SWEEP}
-                                                             for ms in (x * 1000 for x in LATENCIES)}
+                                                             for ms in (x * 1000 for x in latencies)}
         for index in range(self.settings.repeats):
             self.say(f"latency sweep, run {index + 1}/{self.settings.repeats}")
-            for latency in LATENCIES:
+            for latency in latencies:
                 for label in SWEEP:
                     target, extra = VARIANTS[label]
                     runs[f"{latency * 1000:g}"][label].append(self.one(label, target, extra, latency, events))
@@ -160,7 +164,8 @@ def report(args: argparse.Namespace, command: str, results: Dict[str, Any], load
     if "end_to_end" in results:
         out += [f"### End to end: 1 thread sends {args.events:,} events, then a flush (no added latency)", "",
                 *table(results["end_to_end"], "floor"), "",
-                "ours = `install(client, queue_capacity=60_000)`, all else default (max_in_flight 4, batch 100). "
+                "ours = `install(client, queue_capacity=60_000)`, all else default (batches of 100 growing toward "
+                "500 when a backlog waits, requests in flight adaptive from 4 up to max_in_flight 16). "
                 "The SDK keeps at most 1,000 queued events and drops the rest of the burst by design.", ""]
     if "stacks" in results:
         out += [f"### Raw HTTP stacks: {args.events:,} events as pre-encoded batches of 100, one keep-alive "
@@ -168,7 +173,7 @@ def report(args: argparse.Namespace, command: str, results: Dict[str, Any], load
     if "sweep" in results:
         out += [f"### Latency sweep: {args.sweep_events:,} events, the server adding latency to every request", ""]
         header = "| latency | " + " | ".join(f"{label} events/s" for label in SWEEP) + \
-                 " | ours (urllib3) ÷ floor | ours (urllib3) ÷ ours (requests) | max_in_flight=16 ÷ ours (requests) |"
+                 " | ours (urllib3) ÷ floor | ours (urllib3) ÷ before | max_in_flight=4 ÷ before |"
         out += [header, "| --- " * (len(SWEEP) + 4) + "|"]
         for ms, group in results["sweep"].items():
             rates = [median(group[label], "events_s") for label in SWEEP]
@@ -203,6 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--events", type=int, default=50_000, help="events per end-to-end and raw-stack run")
     parser.add_argument("--sweep-events", type=int, default=10_000, help="events per latency-sweep run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latencies", default=",".join(f"{x * 1000:g}" for x in LATENCIES),
+                        help="latency-sweep milliseconds (comma-separated)")
     parser.add_argument("--only", default="end_to_end,stacks,sweep", help="sections to run (comma-separated)")
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args(argv)
@@ -219,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "stacks" in sections:
             results["stacks"] = lean.stacks(args.events)
         if "sweep" in sections:
-            results["sweep"] = lean.sweep(args.sweep_events)
+            results["sweep"] = lean.sweep(args.sweep_events, [float(ms) / 1000 for ms in args.latencies.split(",")])
     section = report(args, command, results, (before, load_average()), time.monotonic() - started)
     print(section)
     write_section(section, args.output)

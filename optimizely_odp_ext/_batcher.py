@@ -81,8 +81,8 @@ class Batcher(Outcomes):
                 self._ledger.ready.pop()
             self._drop(refused, "queue_full", None)
 
-    def _take_batch(self) -> Optional[_Batch]:
-        """The next batch from the ready list: one target, up to batch_size and max_batch_bytes."""
+    def _take_batch(self, batch_size: int) -> Optional[_Batch]:
+        """The next batch from the ready list: one target, up to ``batch_size`` events and max_batch_bytes."""
         events: List[Encoded] = []
         target: Optional[Target] = None
         # The batch's size so far, without its closing "]": each event adds its body and one byte
@@ -90,7 +90,6 @@ class Batcher(Outcomes):
         # (``batch_size_bytes``, kept in one running sum rather than recomputed per event).
         used = 0
         max_bytes = self.options.max_batch_bytes
-        batch_size = self._batch_size
         ready = self._ledger.ready
         while ready and len(events) < batch_size:
             encoded, item_target = ready[0]
@@ -106,6 +105,18 @@ class Batcher(Outcomes):
         if not events or target is None:
             return None
         return _Batch(events, target)
+
+    def _batch_cap(self, waiting: int, slots: int) -> int:
+        """Events for the next batch: ``batch_size``, or more when a backlog waits.
+
+        A backlog of ``waiting`` events is spread over the ``slots`` requests that may be in flight,
+        up to ``max_batch_size`` (ODP's 500 by default): over a slow link a request carries more
+        events rather than waiting a round trip per ``batch_size`` (and each event costs less CPU).
+        """
+        batch_size = self._batch_size
+        if waiting <= batch_size * slots:
+            return batch_size
+        return max(batch_size, min(self.options.max_batch_size, waiting // max(slots, 1)))
 
     def _drop_unintegrated(self, pending: Pending) -> None:
         # Counted one by one, logged once per run of them (when the run ends).

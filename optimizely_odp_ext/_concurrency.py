@@ -21,7 +21,7 @@ Over a slow link a fixed number of requests in flight caps throughput at about
 
 Pure logic with an injectable clock; thread-safe (every sender reports to one controller). It does not
 send, wait or retry: back-pressure and retries stay where they are (the scheduler and retry policy).
-``Senders`` (``_senders.py``) keeps to it, starting at ``max_in_flight`` without slow start.
+``Senders`` (``_senders.py``) keeps to it, starting at 4 (or ``max_in_flight`` if lower) with slow start.
 """
 
 from __future__ import annotations

@@ -247,8 +247,9 @@ class Scheduler(Batcher, Bisector):
                     self._ledger.partial_since = now
                 if now - self._ledger.partial_since < self.options.flush_interval:
                     return
-            self._ingest(self._capacity if self._spool.disk is not None else self._batch_size)
-            new_batch = self._take_batch()
+            cap = self._batch_cap(waiting, senders.limit())
+            self._ingest(self._capacity if self._spool.disk is not None else cap)
+            new_batch = self._take_batch(cap)
             if new_batch is None:
                 # Nothing sendable (events held for the datafile): no timed wake-up, or the worker
                 # would spin every millisecond; update_config() and enqueue() wake it.

@@ -6,9 +6,12 @@ no delivery state: they make one request per batch, and the worker decides what 
 The hand-offs between the threads are the two deques below, a semaphore and the worker's wake-up.
 
 How many of the handed-over batches are on the wire at once is the adaptive limit's
-(:mod:`._concurrency`): it starts at ``max_in_flight`` (today's concurrency, never more), is cut on
-push-back (429, 5xx, 408, timeouts, network errors) or rising round trips, and grows back by one per
-round trip. A sender with a batch waits for a slot (a condition, each wait bounded) before it sends.
+(:mod:`._concurrency`): it starts at ``INITIAL_IN_FLIGHT`` (4), doubles per round trip while round
+trips stay flat and the senders want more (slow start), then grows by one per round trip; it is cut
+on push-back (429, 5xx, 408, timeouts, network errors) or rising round trips, and never passes
+``max_in_flight``. Sender threads are started as the limit grows (one per batch handed over while
+every thread has one), so an idle or fast link keeps four. A sender with a batch waits for a slot (a
+condition, each wait bounded) before it sends.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from .settings import Options
 from .transport import Reply, Transport
 
 _log = logging.getLogger(__name__)
+
+# Requests in flight (and sender threads) to start with: the adaptive limit grows from here, doubling
+# per round trip while round trips stay flat, up to max_in_flight.
+INITIAL_IN_FLIGHT = 4
 
 
 class Senders:
@@ -70,19 +77,22 @@ class Senders:
         self._control = self._new_control()  # its lock too
 
     def _new_control(self) -> AdaptiveConcurrency:
-        limit = self._options.max_in_flight
-        return AdaptiveConcurrency(ceiling=limit, initial=limit, slow_start=False)
+        ceiling = self._options.max_in_flight
+        return AdaptiveConcurrency(ceiling=ceiling, initial=min(INITIAL_IN_FLIGHT, ceiling), slow_start=True)
 
     def start(self) -> None:
-        """Builds the transport and starts the threads (the caller holds the manager's start lock).
+        """Builds the transport and starts the first threads (the caller holds the manager's start lock).
         Once: a second call (the worker could not start, the next event tries again) does nothing."""
         if self._threads:
             return
         self._transport = self._factory(self._options)
-        for index in range(self._options.max_in_flight):
-            sender = threading.Thread(target=self._send_loop, name=f"odp-ext-sender-{index}", daemon=True)
-            start_quiet(sender)
-            self._threads.append(sender)
+        for _ in range(self._control.limit):
+            self._add_thread()
+
+    def _add_thread(self) -> None:
+        sender = threading.Thread(target=self._send_loop, name=f"odp-ext-sender-{len(self._threads)}", daemon=True)
+        start_quiet(sender)
+        self._threads.append(sender)
 
     def stop(self) -> None:
         """Tells every sender to stop once the batches handed to it are sent (no waiting here), and
@@ -103,6 +113,18 @@ class Senders:
         self.events += len(batch.events)
         self._batches.append(batch)
         self._ready.release()
+        self._grow()
+
+    def _grow(self) -> None:
+        """One more thread when every thread has a batch and the adaptive limit has grown past them
+        (never past max_in_flight): an idle link costs INITIAL_IN_FLIGHT threads, a slow busy one more.
+        On the worker (at each hand-over and each reply taken)."""
+        threads = len(self._threads)
+        if threads < self._control.limit and len(self._flying) > threads and self._transport is not None:
+            try:
+                self._add_thread()
+            except RuntimeError:  # can't start new thread: the ones running carry on
+                _log.debug("could not start another sender thread", exc_info=True)
 
     def take(self) -> Optional[Tuple[_Batch, Reply]]:
         """The next ``(batch, reply)`` a sender handed back, or None."""
@@ -112,6 +134,7 @@ class Senders:
             return None
         if self._flying.pop(id(batch), None) is not None:
             self.events -= len(batch.events)
+        self._grow()
         return batch, reply
 
     def in_flight(self) -> int:

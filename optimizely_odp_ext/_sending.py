@@ -63,12 +63,16 @@ def bulk_manager(host: str, api_key: str, logger: Any, *, acks: Optional[Acks] =
         logger: Where the manager's lines go.
         acks: Told of every batch ODP accepted, if given.
         options: Any :class:`~optimizely_odp_ext.settings.Options`; ``overflow="block"`` with a
-            ``block_timeout`` of :func:`settle_timeout` unless given, and no exit hook.
+            ``block_timeout`` of :func:`settle_timeout` unless given, ``max_batch_size`` equal to
+            ``batch_size`` unless given, and no exit hook.
 
     Raises:
         ConfigurationError: When an option cannot work.
     """
-    settings = make_options(api_host=host, api_key=api_key, **{"flush_at_exit": False, "overflow": "block", **options})
+    # A job's queue is sized in batches of batch_size (see bulk.send): requests keep to it, no growth.
+    fixed = {"max_batch_size": options.get("batch_size", Options.batch_size)}
+    settings = make_options(api_host=host, api_key=api_key,
+                            **{"flush_at_exit": False, "overflow": "block", **fixed, **options})
     if "block_timeout" not in options:
         settings = settings.replace(block_timeout=settle_timeout(settings.retry_window, settings.request_timeout))
     transports: List[AckingTransport] = []

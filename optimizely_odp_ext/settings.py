@@ -40,7 +40,10 @@ class Options:
     """Everything ``install()`` accepts as keywords. See docs/options.md for each one's purpose.
 
     Attributes:
-        batch_size: Events per request at most (ODP's own clients cap requests at 100 events).
+        batch_size: Events per request while the senders keep up (ODP's own clients send 100).
+        max_batch_size: Events per request at most when a backlog waits: batches grow from
+            ``batch_size`` toward this (ODP's limit, 500) to spread the backlog over the requests
+            that may be in flight. Set it to ``batch_size`` to keep every request at ``batch_size``.
         max_batch_bytes: Bytes per request body at most.
         flush_interval: Seconds an incomplete batch waits for more events. 0 sends at once.
         queue_capacity: Events held in memory (waiting, or during an outage) before the overflow
@@ -51,7 +54,8 @@ class Options:
         block_timeout: With ``overflow="block"``, seconds a caller waits for room at most.
         request_timeout: Seconds to wait for ODP's reply to one request.
         connect_timeout: Seconds to wait for a connection.
-        max_in_flight: Requests in flight at once.
+        max_in_flight: Requests in flight at once at most: the ceiling of the adaptive limit, which
+            starts at 4 and grows while round trips stay flat (a sender thread and a connection each).
         retry_window: Seconds after a batch's first attempt during which it is retried.
         backoff_base: The first retry's backoff, in seconds.
         backoff_max: The largest backoff, in seconds.
@@ -76,6 +80,7 @@ class Options:
     """
 
     batch_size: int = 100
+    max_batch_size: int = 500
     max_batch_bytes: int = 500_000
     flush_interval: float = 1.0
     queue_capacity: int = 10_000
@@ -83,7 +88,7 @@ class Options:
     block_timeout: float = 10.0
     request_timeout: float = 5.0
     connect_timeout: float = 3.0
-    max_in_flight: int = 4
+    max_in_flight: int = 16
     retry_window: float = 300.0
     backoff_base: float = 0.5
     backoff_max: float = 30.0
@@ -103,7 +108,8 @@ class Options:
     on_outcome: Optional[OutcomeCallback] = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_batch_bytes", "queue_capacity", "max_in_flight", "spool_max_bytes"):
+        for name in ("batch_size", "max_batch_size", "max_batch_bytes", "queue_capacity", "max_in_flight",
+                     "spool_max_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise _invalid(name, value, "a positive whole number")
@@ -202,6 +208,7 @@ class InstallOptions(TypedDict, total=False):
     """The keyword options of ``install()``, typed (see :class:`Options` for each one)."""
 
     batch_size: int
+    max_batch_size: int
     max_batch_bytes: int
     flush_interval: float
     queue_capacity: int

@@ -94,6 +94,9 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's listen backlog is 5: a client opening more connections at once (max_in_flight
+    # goes up to 64) had the extra connects' SYNs dropped and retried a second later by the kernel.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], owner: FakeOdpServer) -> None:
         self.owner = owner

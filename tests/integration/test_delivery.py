@@ -99,7 +99,7 @@ def test_429_with_retry_after_is_honoured(odp_server: FakeOdpServer, installed: 
 
 def test_connection_reset_on_every_third_request(odp_server: FakeOdpServer, installed: Callable[..., Any],
                                                  log: Any) -> None:
-    client = installed(odp_server, batch_size=10)
+    client = installed(odp_server, batch_size=10, max_batch_size=10)
     sent = ids("reset", 300)
 
     odp_server.reset_connection_every(3)

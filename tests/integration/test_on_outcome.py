@@ -59,7 +59,7 @@ def test_events_left_at_the_close_deadline_are_reported(installed: Callable[...,
     recorder = Recorder()
     with FakeOdpServer("test-odp-key-0123456789") as server:
         server.hang_next(10, seconds=30)
-        client = installed(server, key="test-odp-key-0123456789", flush_interval=0.01, batch_size=5,
+        client = installed(server, key="test-odp-key-0123456789", flush_interval=0.01, batch_size=5, max_batch_size=5,
                            max_in_flight=1, close_timeout=0.5, request_timeout=20, on_outcome=recorder)
         send(client, ids("late", 10))
         assert server.wait_for_requests(1, timeout=10)

@@ -11,7 +11,7 @@ import pytest
 
 from optimizely_odp_ext._batch import Target, _Batch
 from optimizely_odp_ext._concurrency import AdaptiveConcurrency, pushes_back
-from optimizely_odp_ext._senders import Senders
+from optimizely_odp_ext._senders import INITIAL_IN_FLIGHT, Senders
 from optimizely_odp_ext._threads import Wake
 from optimizely_odp_ext.event import Encoded
 from optimizely_odp_ext.settings import make_options
@@ -242,6 +242,10 @@ def _run_batches(senders: Senders, wake: Wake, count: int) -> None:
     assert taken == count
 
 
+def _sender_threads(senders: Senders) -> int:
+    return sum(1 for t in senders._threads if t.is_alive())
+
+
 def test_senders_send_fewer_at_once_after_push_back_and_never_more_than_max_in_flight() -> None:
     transport = _CountingTransport(delay=0.02)
     options = make_options(api_host="https://api.zaius.com", api_key="k" * 12, max_in_flight=8)
@@ -249,9 +253,12 @@ def test_senders_send_fewer_at_once_after_push_back_and_never_more_than_max_in_f
     senders = Senders(options, lambda _options: transport, wake)
     senders.start()
     try:
-        assert senders.limit() == 8  # today's concurrency to begin with
-        _run_batches(senders, wake, 32)
+        assert senders.limit() == INITIAL_IN_FLIGHT  # 4 to begin with, and as many threads
+        assert _sender_threads(senders) == INITIAL_IN_FLIGHT
+        _run_batches(senders, wake, 64)  # flat round trips, the senders want more: slow start
+        assert senders.limit() == 8
         assert max(transport.peaks) <= 8
+        assert _sender_threads(senders) == 8  # started as the limit grew, never past max_in_flight
         transport.status = 503
         _run_batches(senders, wake, 48)  # push-back, window after window
         cut = senders.limit()

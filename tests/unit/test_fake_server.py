@@ -6,6 +6,8 @@ import gzip
 import http.client
 import json
 import socket
+import struct
+import sys
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -13,6 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from optimizely_odp_ext import testing as odp_testing
+from optimizely_odp_ext.settings import MAX_IN_FLIGHT
 from optimizely_odp_ext.testing import NO_RESPONSE, FakeOdpServer
 
 pytest_plugins = ["pytester"]
@@ -617,3 +620,14 @@ def test_fixture_stops_the_server_after_the_test(pytester: pytest.Pytester) -> N
     # hypothesis's plugin is slow to set up and not needed here.
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
     result.assert_outcomes(passed=2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the listen backlog from Linux's TCP_INFO")
+def test_the_listen_backlog_takes_every_connection_a_client_may_open_at_once(server: FakeOdpServer) -> None:
+    # socketserver's default backlog (5) dropped the SYNs of a client opening more connections at
+    # once (max_in_flight up to 64): the kernel retried them a second later, a stall no ODP shows.
+    # For a listening socket, Linux reports its backlog in tcp_info's tcpi_sacked field.
+    listening = server._server.socket  # type: ignore[union-attr]
+    info = listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    backlog = struct.unpack_from("8B6I", info)[13]
+    assert backlog >= MAX_IN_FLIGHT
