@@ -501,10 +501,10 @@ def test_drop_oldest_racing_the_worker_loses_nothing(build: Build) -> None:
     assert sorted(transport.delivered_ids()) == ["e1", "e2", "e3"]
 
 
-def test_a_backlog_goes_in_batches_growing_toward_max_batch_size(build: Build) -> None:
-    # While the senders keep up, batches are batch_size; once more waits than the requests in flight
-    # can take at batch_size, the backlog is spread over them, up to max_batch_size (never past it).
-    manager, transport = build(batch_size=10, max_batch_size=40, max_in_flight=2, queue_capacity=10_000)
+def _backlog_batches(build: Build, **options: Any) -> Tuple[List[int], List[str]]:
+    """Two batches hang while 300 more events queue up behind them; then every event is delivered.
+    Returns the batch sizes in order and the ids delivered."""
+    manager, transport = build(batch_size=10, max_in_flight=2, queue_capacity=10_000, **options)
     transport.gate.clear()  # the first requests hang: the backlog builds up behind them
     for i in range(20):
         manager.enqueue(ev(f"e-{i}"))
@@ -513,25 +513,22 @@ def test_a_backlog_goes_in_batches_growing_toward_max_batch_size(build: Build) -
         manager.enqueue(ev(f"e-{i}"))
     transport.gate.set()
     assert manager.flush(WAIT) is True
-    sizes = transport.batch_sizes()
+    return transport.batch_sizes(), transport.delivered_ids()
+
+
+def test_a_backlog_goes_in_batches_growing_toward_max_batch_size(build: Build) -> None:
+    # While the senders keep up, batches are batch_size; once more waits than the requests in flight
+    # can take at batch_size, the backlog is spread over them, up to max_batch_size (never past it).
+    sizes, delivered = _backlog_batches(build, max_batch_size=40)
     assert sizes[:2] == [10, 10]
     assert max(sizes) == 40  # 300 waiting for 2 requests in flight: as large as allowed
-    assert sorted(transport.delivered_ids()) == sorted(f"e-{i}" for i in range(320))
-    assert len(transport.delivered_ids()) == 320
+    assert sorted(delivered) == sorted(f"e-{i}" for i in range(320))
 
 
 def test_max_batch_size_at_batch_size_keeps_every_batch_at_batch_size(build: Build) -> None:
-    manager, transport = build(batch_size=10, max_batch_size=10, max_in_flight=2, queue_capacity=10_000)
-    transport.gate.clear()
-    for i in range(20):
-        manager.enqueue(ev(f"e-{i}"))
-    assert transport.wait_calls(2)
-    for i in range(20, 320):
-        manager.enqueue(ev(f"e-{i}"))
-    transport.gate.set()
-    assert manager.flush(WAIT) is True
-    assert set(transport.batch_sizes()) == {10}
-    assert len(transport.delivered_ids()) == 320
+    sizes, delivered = _backlog_batches(build, max_batch_size=10)
+    assert set(sizes) == {10}
+    assert sorted(delivered) == sorted(f"e-{i}" for i in range(320))
 
 
 def test_concurrent_producers_lose_nothing(build: Build) -> None:
