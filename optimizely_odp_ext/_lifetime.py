@@ -25,7 +25,7 @@ class Lifetime:
             for one worker to deliver (see _uwsgi).
     """
 
-    __slots__ = ("close_deadline", "close_seen", "closed", "closing", "finished", "forks_in_c", "green",
+    __slots__ = ("close_deadline", "close_seen", "closed", "closing", "ended", "finished", "forks_in_c", "green",
                  "held_for_fork", "lock", "pid", "start_lock", "summary", "worker")
 
     def __init__(self, held_for_fork: bool) -> None:
@@ -45,6 +45,9 @@ class Lifetime:
         self.close_deadline = 0.0
         self.close_seen = False  # the worker's: it cut the retry waits short for the close
         self.finished = False
+        # The worker's loop has returned (its last step done): what a close waits for. Its thread's
+        # end is not: gevent reported one as alive for seconds after (see EventManager._join).
+        self.ended = False
         # The close's summary line: said once, by the closing thread when one waits for the worker
         # (the worker may be stuck behind a log handler that very thread holds), else by the finisher.
         # None: nobody waits; True: a closing thread waits; False: said.

@@ -36,6 +36,12 @@ class Scheduler(Batcher, Bisector):
     __slots__ = ()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._life.ended = True
+
+    def _loop(self) -> None:
         while True:
             self._wake.clear()
             with self._ledger.lock:
