@@ -256,17 +256,51 @@ def test_senders_send_fewer_at_once_after_push_back_and_never_more_than_max_in_f
         assert senders.limit() == INITIAL_IN_FLIGHT  # 4 to begin with, and as many threads
         assert _sender_threads(senders) == INITIAL_IN_FLIGHT
         _run_batches(senders, wake, 64)  # flat round trips, the senders want more: slow start
-        assert senders.limit() == 8
+        grown = senders.limit()  # 8 on a quiet machine; load can make a window look slower
+        assert grown <= 8
         assert max(transport.peaks) <= 8
-        assert _sender_threads(senders) == 8  # started as the limit grew, never past max_in_flight
+        assert _sender_threads(senders) <= 8  # started as the limit grew, never past max_in_flight
         transport.status = 503
         _run_batches(senders, wake, 48)  # push-back, window after window
         cut = senders.limit()
-        assert cut < 8
+        assert cut < grown
         transport.status = 202
         transport.peaks.clear()
         _run_batches(senders, wake, 8)  # handed over all at once: only the limit goes on the wire together
         assert max(transport.peaks) <= senders.limit() + 1  # +1: the limit may grow within the round
         assert max(transport.peaks) < 8
     finally:
+        senders.stop()
+
+
+def test_sender_threads_start_as_the_limit_grows_and_never_past_it() -> None:
+    # Four threads to begin with; one more per batch handed over while every thread has one, as long
+    # as the adaptive limit is above the threads (the limit is set here, not learnt: see the tests
+    # of AdaptiveConcurrency for how it grows).
+    gate = threading.Event()
+
+    class Gated(_CountingTransport):
+        def send(self, url: str, api_key: str, body: bytes, timeout: Tuple[float, float]) -> Reply:
+            gate.wait(30)
+            return super().send(url, api_key, body, timeout)
+
+    transport = Gated(delay=0.0)
+    options = make_options(api_host="https://api.zaius.com", api_key="k" * 12, max_in_flight=8)
+    wake = Wake()
+    senders = Senders(options, lambda _options: transport, wake)
+    senders.start()
+    target = Target("http://127.0.0.1:9", "key", "http://127.0.0.1:9/v3/events")
+    try:
+        for i in range(6):  # more batches than threads, with the limit at 4: no thread more
+            senders.submit(_Batch([Encoded(b"{}", f"a-{i}")], target))
+        assert _sender_threads(senders) == INITIAL_IN_FLIGHT
+        senders._control._limit = 6  # grown (as slow start does after flat round trips)
+        for i in range(6):
+            senders.submit(_Batch([Encoded(b"{}", f"b-{i}")], target))
+        assert _sender_threads(senders) == 6  # up to the limit, as batches wait for a thread
+        senders._control._limit = 8
+        senders.submit(_Batch([Encoded(b"{}", "c-0")], target))
+        assert _sender_threads(senders) == 7  # one per hand-over
+    finally:
+        gate.set()
         senders.stop()
