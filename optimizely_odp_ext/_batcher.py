@@ -113,10 +113,7 @@ class Batcher(Outcomes):
         up to ``max_batch_size`` (ODP's 500 by default): over a slow link a request carries more
         events rather than waiting a round trip per ``batch_size`` (and each event costs less CPU).
         """
-        batch_size = self._batch_size
-        if waiting <= batch_size * slots:
-            return batch_size
-        return max(batch_size, min(self.options.max_batch_size, waiting // max(slots, 1)))
+        return max(self._batch_size, min(self.options.max_batch_size, waiting // slots))
 
     def _drop_unintegrated(self, pending: Pending) -> None:
         # Counted one by one, logged once per run of them (when the run ends).

@@ -218,7 +218,7 @@ class Scheduler(Batcher, Bisector):
 
     def _dispatch(self, now: float) -> None:
         self._ledger.seen_empty = False
-        limit = self.options.max_in_flight
+        limit = self._senders.limit()  # the adaptive limit: a batch handed over beyond it would wait unsent
         senders = self._senders
         while self._ledger.priority and senders.in_flight() < limit:
             self._submit(self._ledger.priority.popleft(), now)
@@ -253,7 +253,7 @@ class Scheduler(Batcher, Bisector):
                     self._ledger.partial_since = now
                 if now - self._ledger.partial_since < self.options.flush_interval:
                     return
-            cap = self._batch_cap(waiting, senders.limit())
+            cap = self._batch_cap(waiting, limit)
             self._ingest(self._capacity if self._spool.disk is not None else cap)
             new_batch = self._take_batch(cap)
             if new_batch is None:

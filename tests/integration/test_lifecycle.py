@@ -202,6 +202,24 @@ def test_close_returns_by_its_deadline_while_the_server_hangs(
     assert _split_drops(closed, "ODP event manager closed: 0 delivered, 20 dropped")
 
 
+def test_at_the_close_deadline_only_events_of_requests_sent_count_as_unconfirmed(
+        odp_server: FakeOdpServer, installed: Callable[..., Any]) -> None:
+    # A backlog while ODP hangs: the adaptive limit stays at its start (no round trip ends), so 4
+    # requests go out. Their events are `unconfirmed` (ODP may have them); every other event was never
+    # sent and is `shutdown`, however many batches max_in_flight (16) would allow. Counted against
+    # what the server received, not against our own counters.
+    client = installed(odp_server, request_timeout=30, close_timeout=1.0)
+    odp_server.hang_next(1000)
+    send(client, ids("backlog", 3000))
+    assert odp_server.wait_for_requests(4, timeout=10)
+    client.close()
+    received = sum(len(json.loads(r.body)) for r in odp_server.requests)  # every one hung: none answered
+    stats = client.odp_event_stats()
+    assert stats["dropped"]["unconfirmed"] == received
+    assert stats["dropped"]["shutdown"] == 3000 - received
+    assert len(odp_server.requests) == 4
+
+
 def test_close_right_after_a_hung_request_still_delivers_everything(
         odp_server: FakeOdpServer, installed: Callable[..., Any], log: Any) -> None:
     client = installed(odp_server, request_timeout=0.5, close_timeout=5.0)
