@@ -261,7 +261,9 @@ def test_401_wrong_key_is_dropped_as_rejected_without_retry(odp_server: FakeOdpS
 def test_an_outage_buffers_up_to_the_queue_capacity(odp_server: FakeOdpServer, installed: Callable[..., Any],
                                                     log: Any, overflow: str) -> None:
     capacity = 100
-    client = installed(odp_server, queue_capacity=capacity, overflow=overflow, batch_size=10, flush_interval=60)
+    # Requests of 10 and 4 in flight, pinned: the bound below is the queue plus what is on the wire.
+    client = installed(odp_server, queue_capacity=capacity, overflow=overflow, batch_size=10, max_batch_size=10,
+                       max_in_flight=4, flush_interval=60)
     sent = ids("buffered", 300)
 
     odp_server.fail_for(FAULT_SECONDS)
