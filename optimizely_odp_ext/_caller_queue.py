@@ -1,8 +1,10 @@
 """The caller-facing side of the manager: append to the queue, the overflow policy, waking the worker.
 
-Runs on the application's threads. The common path is a ``deque.append`` and a few attribute reads:
-no lock, no I/O. Only a full queue takes the lock of :class:`~._caller_counts.CallerCounts` (counting a
-drop) or, with ``overflow="block"``, waits in :class:`~._barrier.Room` for the worker to make room.
+Runs on the application's threads. The common path is a client's own send (:func:`~._door.sender`: a
+``deque.append`` and a few reads of one object), opened and shut here (:meth:`CallerQueue._sync_door`);
+every other send takes :meth:`CallerQueue.enqueue`, no lock, no I/O either. Only a full queue takes the lock of
+:class:`~._caller_counts.CallerCounts` (counting a drop) or, with ``overflow="block"``, waits in
+:class:`~._barrier.Room` for the worker to make room.
 """
 
 from __future__ import annotations
@@ -58,18 +60,33 @@ class CallerQueue(Outcomes):
         queue.append((pending, odp.target))
         if life.worker is None:
             self._start()
+        return self._appended(len(queue))
+
+    def _appended(self, size: int) -> bool:
+        """After an append that left ``size`` events queued. Returns False when the event was refused."""
         # Wake the worker only when it waits for callers (its last look found nothing to send), for
         # a full batch, or, with the spool on, for the first event (written to disk at once, see
         # SPOOL_INTERVAL). Any other time its own timer covers this event: see Scheduler._run.
-        size = len(queue)
         full = size % self._batch_size == 0
-        if self._idle or full or (size == 1 and self._spool.disk is not None):
+        if self.door.idle or full or (size == 1 and self._spool.disk is not None):
             self._wake.set()
         if full and not _stall_reported:
             self._check_stalled(size)
-        if life.finished:
+        if self._life.finished:
             return self._refuse_late()
         return True
+
+    def _sync_door(self) -> None:
+        """Opens or shuts the door (:func:`~._door.sender`) after a change it depends on: a worker
+        started, a new datafile, a close, a fork. Under the lifetime's lock, so the last change always
+        writes last: a close shuts it for good (it sets ``closed`` under that lock first), before the
+        close can finish.
+        """
+        life, odp, door = self._life, self._odp, self.door
+        with life.lock:
+            door.target = odp.target
+            door.open = (life.worker is not None and odp.state is INTEGRATED and not (
+                life.closed or life.finished or life.held_for_fork or life.forks_in_c))
 
     def _overflow(self, pending: Pending) -> bool:
         """The queue is full. Returns True when the new event may still be appended."""

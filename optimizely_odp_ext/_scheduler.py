@@ -72,10 +72,11 @@ class Scheduler(Batcher, Bisector):
                 # other worker has a timer that covers a new event (the flush interval of the
                 # batch being filled, a backoff, the close deadline), or a reply or a full batch
                 # wakes it, and new events could not be sent before that anyway.
-                self._idle = self._ledger.seen_empty
-                if not (self._idle and self._queue):
+                door = self.door
+                door.idle = self._ledger.seen_empty
+                if not (door.idle and self._queue):
                     self._wake.wait(timeout)
-                self._idle = False
+                door.idle = False
 
     def _step(self) -> Optional[float]:
         """One pass, under the ledger. Returns how long to sleep, or None to stop (closing and done,

@@ -14,10 +14,8 @@ ledger's lock, the conditions of :mod:`._barrier`):
   :class:`~._barrier.FlushBarrier`, :class:`~._barrier.Room` — the sender threads, the outcome counters,
   what callers count, where ``flush()`` and blocked callers wait.
 
-A caller's send reads the manager's own queue, capacity and ``_idle`` flag (the wake-up itself only
-when it wakes the worker), and the lifetime, the target and the ledger's ready list, one local each:
-it runs after an idle pause, with cold caches, where each object touched counts (measured with
-``benchmarks/paced_pieces.py``: the idle flag on the wake-up object cost more than those three).
+A caller's send reads the manager's :class:`~._door.Door` only, on its common path: what it needs is
+copied there (see _door). Every other send goes through the manager (``enqueue``).
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict
 from ._barrier import FlushBarrier, Room
 from ._batch import _Item
 from ._caller_counts import CallerCounts
+from ._door import Door
 from ._ledger import Ledger
 from ._lifetime import Lifetime
 from ._odp_target import OdpTarget
@@ -52,9 +51,9 @@ class ManagerState:
     # Slots: a caller's send reads several of these attributes after an idle pause, with cold caches;
     # a slot is one fixed offset, where an instance dict costs a hashed lookup each. __dict__ stays
     # for what tests attach; __weakref__ for the process registry (_lifecycle).
-    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults", "_idle",
+    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults",
                  "_ledger", "_life", "_odp", "_policy", "_queue", "_room", "_senders", "_spool", "_tally",
-                 "_transport_factory", "_wake", "logger", "options")
+                 "_transport_factory", "_wake", "door", "logger", "options")
 
     options: Options
     logger: Any
@@ -66,6 +65,7 @@ class ManagerState:
     _odp: OdpTarget  # where events go: the ODP settings of the current datafile
     _life: Lifetime  # this process, its worker thread, the steps of the close (kept across a fork: reset)
     _spool: Spooling  # the spool hand-off (spool_dir): writing, acknowledging, the backlog (likewise)
+    door: Door  # what a caller's send reads on its common path (kept across a fork: reset)
 
     def _reset_runtime(self) -> None:
         """Everything that belongs to one process: queue, threads, connections, counters."""
@@ -74,9 +74,6 @@ class ManagerState:
         # append, the worker pops (with drop_oldest, callers too); the worker takes them under the ledger.
         self._queue: Deque[_Item] = collections.deque()
         self._wake = Wake()  # the worker's wake-up: never blocks its setter (see Wake)
-        # The worker waits for callers only (nothing else would wake it): they wake it then. Written by
-        # the worker, read on every send: the manager's own, as the wake-up is not touched on most sends.
-        self._idle = False
         self._barrier = FlushBarrier()  # where flush() waits for the worker (see _barrier)
         # The sender threads, the transport and the batches in flight: a component (see _senders).
         self._senders = Senders(self.options, self._transport_factory, self._wake)
@@ -87,7 +84,10 @@ class ManagerState:
         self._tally = Tally(self.options.on_outcome, self.logger)
         # The worker's delivery state, and the lock of every hand-off between owners (see _ledger).
         self._ledger = Ledger()
+        door = self.door
+        door.queue, door.ready, door.idle = self._queue, self._ledger.ready, False
         self._spool.reset()
+        self._sync_door()  # shut: no worker in this process yet
 
     def _remake_primitives(self) -> None:
         """The process was patched (gevent, eventlet) after the primitives were made: a gunicorn
@@ -108,6 +108,8 @@ class ManagerState:
         # The lifecycle of one manager, provided by EventManager (manager.py): the pieces call these
         # hooks but never import the manager.
         def _start(self) -> None: ...
+
+        def _sync_door(self) -> None: ...
 
         def _after_fork(self) -> None: ...
 

@@ -51,20 +51,21 @@ def validate(
 
     if not identifiers or not isinstance(identifiers, dict):
         return _compat.ODP_INVALID_IDENTIFIERS
-    ids: Dict[str, str] = {}
-    variant: Optional[str] = None
-    for key, value in identifiers.items():
+    # Copied first (in C), then the copy checked: what is checked is what is sent, whatever the
+    # caller's other threads do to their dict meanwhile.
+    ids: Dict[Any, Any] = dict(identifiers)
+    for key, value in ids.items():
         if not isinstance(key, str):
             return f"ODP identifiers are not valid (keys must be strings, got {_type_name(key)})."
         if not isinstance(value, str):
             # The value may be personal data (an email): name the key and the type, never the value.
             return f'ODP identifiers are not valid (value of "{key}" must be a string, got {_type_name(value)}).'
-        ids[key] = value
-        if variant is None and len(key) == 10 and key != FS_USER_ID and _is_fs_user_id_variant(key):
-            variant = key
-    if variant is not None and FS_USER_ID not in ids:
-        # Rebuild rather than pop+insert so the normalized key keeps the caller's position.
-        ids = {(FS_USER_ID if k == variant else k): v for k, v in ids.items()}
+    if FS_USER_ID not in ids:
+        for key in ids:
+            if len(key) == 10 and _is_fs_user_id_variant(key):
+                # Rebuild rather than pop+insert so the normalized key keeps the caller's position.
+                ids = {(FS_USER_ID if k == key else k): v for k, v in ids.items()}
+                break
 
     if type is None or type == "":
         type = DEFAULT_TYPE
@@ -75,16 +76,17 @@ def validate(
         return (type, action, ids, None)
     if not isinstance(data, dict):
         return _compat.ODP_INVALID_DATA
-    for key, value in data.items():
-        if not isinstance(key, str):
-            return f"ODP data is not valid (keys must be strings, got {_type_name(key)})."
-        if not isinstance(value, _VALID_TYPES):
-            return _compat.ODP_INVALID_DATA
-        if isinstance(value, float) and not math.isfinite(value):
-            return f'ODP data is not valid (value of "{key}" is not a finite number).'
     if not data:
         return (type, action, ids, None)
-    return (type, action, ids, dict(data))
+    values: Dict[Any, Any] = dict(data)  # copied first, as the identifiers
+    for name, item in values.items():
+        if not isinstance(name, str):
+            return f"ODP data is not valid (keys must be strings, got {_type_name(name)})."
+        if not isinstance(item, _VALID_TYPES):
+            return _compat.ODP_INVALID_DATA
+        if isinstance(item, float) and not math.isfinite(item):
+            return f'ODP data is not valid (value of "{name}" is not a finite number).'
+    return (type, action, ids, values)
 
 
 def _is_fs_user_id_variant(key: str) -> bool:

@@ -14,12 +14,12 @@ import os
 import threading
 import types
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from typing_extensions import Unpack
 
-from . import _compat, _lifecycle, _sdk_bridge
-from .event import DEFAULT_TYPE, OdpData, validate
+from . import _compat, _config_follow, _door, _lifecycle, _sdk_bridge
+from .event import DEFAULT_TYPE, OdpData, Pending, validate
 from .manager import UNDETERMINED, EventManager, OdpEventStats, no_stats
 from .settings import (
     ConfigurationError,
@@ -28,19 +28,24 @@ from .settings import (
     client_logger,
     from_client,
     make_options,
-    odp_integration,
     visible,
 )
 
 _log = logging.getLogger(__name__)
 
 _STATE_ATTR = "_odp_ext_state"
+# The client's own send, holding its manager's door (see _door.sender). Set with the state, removed
+# with it; not set when ODP is disabled or the SDK calls the client invalid (it decides that once, in its
+# constructor): every send then takes the full path, which refuses it.
+_SEND_ATTR = "_odp_ext_send"
 _TAG = "_odp_ext_applied"
 _REPLACED = "_odp_ext_replaced"  # on our functions: what they replaced (None: nothing)
 _IMPORT_PID = os.getpid()  # where a dead SDK thread can mean a closed client (see _closed_by_sdk)
 _CLOSED_ATTR = "_odp_ext_closed"  # set by close(): the client accepts no more events
 _MISSING = object()
-_CONFIG_UPDATE = "OPTIMIZELY_CONFIG_UPDATE"
+
+# Pickles of a client made by earlier releases name its datafile listener here (it lived in this module).
+_ConfigListener = _config_follow._ConfigListener
 
 _lock = threading.RLock()
 # Class level: the attributes we replaced on the class (or _MISSING), and the install options.
@@ -102,36 +107,13 @@ class OdpExtensionMixin:
             data: Extra data: str keys; str, int, float (finite), bool or None values.
         """
         try:
-            state = self.__dict__.get(_STATE_ATTR)
-            if state is None:
-                state = _state_for(self)
-                if state is None:
-                    _stale(self)
-                    return
-            if getattr(self, "is_valid", True) is False:
-                state.logger.error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
-                state.manager.count_refused("invalid_client")
-                return
-            event = validate(action, identifiers, type, data)
-            if event.__class__ is str:
-                state.logger.error(event)
-                state.manager.count_invalid()
-                return
-            if state.disabled:
-                state.logger.error(_compat.ODP_NOT_ENABLED)
-                state.manager.count_refused("odp_disabled")
-                return
-            manager = state.manager
-            if manager._odp.state is UNDETERMINED and state.static_config and _read_config(self) is None:
-                # A datafile given at construction that did not parse: none will ever come.
-                state.logger.error(_compat.INVALID_PROJECT_CONFIG.format("send_odp_event"))
-                manager.count_refused("invalid_client")
-                return
-            manager.enqueue(event)  # type: ignore[arg-type]
+            send = self.__dict__.get(_SEND_ATTR)  # this client's own (see _door.sender)
+            if send is not None:
+                send(self, action, identifiers, type, data)
+            else:
+                _full_path(self, action, identifiers, type, data)
         except Exception as exc:  # the application never sees our failures
-            _log.exception("send_odp_event failed")
-            with contextlib.suppress(Exception):
-                _logger_of(self).error(_compat.ODP_EVENT_FAILED.format(f"internal error: {exc!r}"))
+            _failed(self, exc)
 
     def flush_odp_events(self, timeout: Optional[float] = None) -> bool:
         """Waits until every ODP event sent so far is delivered or given up.
@@ -177,6 +159,47 @@ class OdpExtensionMixin:
             original(self, identifiers)
 
 
+def _failed(client: Any, exc: Exception) -> None:
+    _log.exception("send_odp_event failed")
+    with contextlib.suppress(Exception):
+        _logger_of(client).error(_compat.ODP_EVENT_FAILED.format(f"internal error: {exc!r}"))
+
+
+def _full_path(client: Any, action: Any, identifiers: Any, type: Any, data: Any) -> None:
+    """A send the common path did not take (see _door.sender): validated, then :func:`_send`."""
+    _send(client, validate(action, identifiers, type, data))
+
+
+def _send(client: Any, event: Union[Pending, str]) -> None:
+    """Every other send: each check in turn, each refusal logged and counted (``event`` is what
+    :func:`~.event.validate` returned: the event, or the line saying why it is not valid)."""
+    state = client.__dict__.get(_STATE_ATTR)
+    if state is None:
+        state = _state_for(client)
+        if state is None:
+            _stale(client)
+            return
+    if getattr(client, "is_valid", True) is False:
+        state.logger.error(_compat.INVALID_OPTIMIZELY.format("send_odp_event"))
+        state.manager.count_refused("invalid_client")
+        return
+    if isinstance(event, str):
+        state.logger.error(event)
+        state.manager.count_invalid()
+        return
+    if state.disabled:
+        state.logger.error(_compat.ODP_NOT_ENABLED)
+        state.manager.count_refused("odp_disabled")
+        return
+    manager = state.manager
+    if manager.state is UNDETERMINED and state.static_config and _config_follow.read_config(client) is None:
+        # A datafile given at construction that did not parse: none will ever come.
+        state.logger.error(_compat.INVALID_PROJECT_CONFIG.format("send_odp_event"))
+        manager.count_refused("invalid_client")
+        return
+    manager.enqueue(event)
+
+
 def _instance_close(self: Any) -> None:
     """``close`` for an instance-level install: ours, then whatever the class has."""
     _close_manager(self)
@@ -210,6 +233,7 @@ def _getstate(self: Any) -> Dict[str, Any]:
     """
     attributes = dict(self.__dict__)
     attributes.pop("__getstate__", None)
+    attributes.pop(_SEND_ATTR, None)
     state = attributes.pop(_STATE_ATTR, None)
     if state is not None:
         for name, original in state.instance_attrs.items():
@@ -247,20 +271,6 @@ def _stale(client: Any) -> None:
 # ----------------------------------------------------------------- per-client state
 
 
-def _read_config(client: Any) -> Any:
-    """The client's current project config, without blocking while the datafile loads."""
-    manager = getattr(client, "config_manager", None)
-    if manager is None:
-        return None
-    if "_config" in getattr(manager, "__dict__", {}):
-        # PollingConfigManager.get_config() blocks until the first datafile; _config does not.
-        return manager.__dict__["_config"]
-    try:
-        return manager.get_config()
-    except Exception:
-        return None
-
-
 def _state_for(client: Any, options: Optional[Options] = None, explicit: frozenset = frozenset()  # type: ignore[type-arg]
                ) -> Optional[_ClientState]:
     """Returns the client's state, creating it on first use (class-level install)."""
@@ -283,13 +293,15 @@ def _state_for(client: Any, options: Optional[Options] = None, explicit: frozens
         manager = EventManager(resolved, logger, _compat.sdk_version())
         state = _ClientState(client, resolved, logger, manager)
         client.__dict__[_STATE_ATTR] = state
+        if not state.disabled and getattr(client, "is_valid", True) is not False:
+            client.__dict__[_SEND_ATTR] = _door.sender(manager.door, _full_path, _failed)
         if class_level:
             _class_states.add(state)
         if closed:
             manager.close()  # no thread was started: this returns at once, and refuses every event
         elif not state.disabled:
             if resolved.api_host is None:
-                _follow_datafile(client, state)
+                state.listener = _config_follow.follow(client, manager)
             state.bridge = _sdk_bridge.attach(client, manager.enqueue, logger)
         _sdk_bridge.loosen_registry_hold(client)
         return state
@@ -308,48 +320,6 @@ def _closed_by_sdk(client: Any) -> bool:
         return False  # a forked child: the parent's threads are all dead here, its client's closed or not
     executor = getattr(getattr(client, "event_processor", None), "executor", None)
     return isinstance(executor, threading.Thread) and executor.ident is not None and not executor.is_alive()
-
-
-class _ConfigListener:
-    """Hands each datafile update of one client to its manager.
-
-    An object rather than a closure, because it sits in the SDK's notification center, which a
-    pickle or a deep copy of the client carries: it pickles and copies as a listener that does
-    nothing (the copy has no manager of ours; its own comes with its own listener).
-    """
-
-    __slots__ = ("client", "manager")
-
-    def __init__(self, client: Any = None, manager: Optional[EventManager] = None) -> None:
-        self.client = None if client is None else weakref.ref(client)
-        self.manager = manager
-
-    def __call__(self, *_args: Any) -> None:
-        target = None if self.client is None else self.client()
-        if target is not None and self.manager is not None:
-            self.manager.update_config(*odp_integration(_read_config(target)))
-
-    def __reduce__(self) -> Any:
-        return _ConfigListener, ()
-
-
-def _follow_datafile(client: Any, state: _ClientState) -> None:
-    on_config_update = _ConfigListener(client, state.manager)
-    center = _notification_center(client)
-    if center is not None:
-        try:
-            center.add_notification_listener(_CONFIG_UPDATE, on_config_update)
-        except Exception:
-            _log.debug("could not listen to datafile updates", exc_info=True)
-    state.listener = on_config_update
-    on_config_update()
-
-
-def _notification_center(client: Any) -> Any:
-    """Where datafile updates are announced: the config manager's own center (the client's is
-    notified only when it is that same object, as with the SDK's default config managers)."""
-    center = getattr(getattr(client, "config_manager", None), "notification_center", None)
-    return center if center is not None else getattr(client, "notification_center", None)
 
 
 def _close_all(managers: List[EventManager]) -> None:
@@ -373,21 +343,10 @@ def _detach_state(client: Any, state: _ClientState) -> None:
         _sdk_bridge.detach(client, state.bridge)
         state.bridge = None
     if state.listener is not None:
-        center = _notification_center(client)
-        if center is not None:
-            _remove_listener(center, state.listener)
+        _config_follow.unfollow(client, state.listener)
         state.listener = None
+    client.__dict__.pop(_SEND_ATTR, None)
     client.__dict__.pop(_STATE_ATTR, None)
-
-
-def _remove_listener(center: Any, callback: Callable[[], None]) -> None:
-    listeners = getattr(center, "notification_listeners", {}).get(_CONFIG_UPDATE, [])
-    for entry in list(listeners):
-        if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is callback:
-            try:
-                center.remove_notification_listener(entry[0])
-            except Exception:
-                listeners.remove(entry)
 
 
 # ----------------------------------------------------------------- install / uninstall
@@ -476,11 +435,21 @@ def _install_instance(client: Any, options: Options, explicit: frozenset,  # typ
         _logger_of(client).error(_compat.INVALID_OPTIMIZELY.format("install"))
     state = _state_for(client, options, explicit)
     assert state is not None
+    own_send = client.__dict__.get(_SEND_ATTR)
     for name in _PATCHED:
         state.instance_attrs[name] = client.__dict__.get(name, _MISSING)
         function = _INSTANCE_FUNCTIONS.get(name) or getattr(OdpExtensionMixin, name)
+        if name == "send_odp_event" and own_send is not None:
+            function = _as_method_of(own_send, function)  # one function, one frame: see _door.sender
         client.__dict__[name] = types.MethodType(_tagged(function, state.instance_attrs[name]), client)
     return True
+
+
+def _as_method_of(function: Callable[..., Any], method: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` under the name and documentation of the mixin's ``method`` (its stand-in)."""
+    function.__doc__ = method.__doc__
+    function.__qualname__ = method.__qualname__
+    return function
 
 
 def _tagged(function: Callable[..., Any], original: Any) -> Callable[..., Any]:

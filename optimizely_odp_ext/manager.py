@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 
 from . import _compat, _lifecycle, _threads, _uwsgi
 from ._caller_queue import CallerQueue
+from ._door import Door
 from ._lifetime import Lifetime
 from ._odp_target import OdpTarget
 from ._scheduler import Scheduler
@@ -108,6 +109,7 @@ class EventManager(CallerQueue, Scheduler):
         self._defaults = default_data(sdk_version or _compat.sdk_version())
         self._capacity = options.queue_capacity
         self._batch_size = options.batch_size
+        self.door = Door(self, options.queue_capacity, options.batch_size)
         self._odp = OdpTarget(logger, options.allow_insecure_http)
         self._spool = Spooling(logger, options.spool_max_bytes)
         # A uWSGI master (or loading process) forks its workers in C while its threads run: none is
@@ -133,6 +135,7 @@ class EventManager(CallerQueue, Scheduler):
             determined: False while no datafile has arrived (then nothing changes).
         """
         if self._odp.update(host, key, determined):
+            self._sync_door()
             self._wake.set()
 
     @property
@@ -163,6 +166,7 @@ class EventManager(CallerQueue, Scheduler):
             except BaseException:
                 self._life.worker = None  # not started (the interpreter is exiting): the next event tries again
                 raise
+            self._sync_door()  # sends may take the common path now (see _door)
         if self._life.finished:  # a close finished meanwhile (another thread, or our SIGTERM handler on this
             self._senders.stop()  # type: ignore[unreachable]  # one) released what it saw; the worker ends
 
@@ -250,6 +254,7 @@ class EventManager(CallerQueue, Scheduler):
         """
         if not self._life.close():
             return False
+        self._sync_door()  # shut for good, before anything can finish the close (see _door)
         _lifecycle.closing(self, True)
         if self._life.pid != os.getpid():
             self._after_fork()
@@ -336,6 +341,7 @@ class EventManager(CallerQueue, Scheduler):
         """
         if not self._life.finish():
             return False  # once: the worker and a closing thread may both get here
+        self._sync_door()  # shut already by the close; kept shut whatever path got here
         if self._counts.to_report:
             self._report_overflow()
         self._take_results(time.monotonic())  # replies already here count as what they say
@@ -416,6 +422,7 @@ class EventManager(CallerQueue, Scheduler):
         if taken is None:
             return  # not known yet: uWSGI's post-fork hook asks again
         self._life.held_for_fork = False
+        self._sync_door()
         if taken:
             # This process carries on for the master: its queue, and its spool's backlog (the master
             # never touches either again).

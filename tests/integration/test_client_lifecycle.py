@@ -114,7 +114,7 @@ def test_send_kept_across_class_uninstall_says_why_once(
 
 def _ours(client: Any) -> List[str]:
     return sorted(name for name, value in client.__dict__.items()
-                  if name.startswith("_odp_ext_state") or getattr(value, "_odp_ext_applied", False))
+                  if name in ("_odp_ext_state", "_odp_ext_send") or getattr(value, "_odp_ext_applied", False))
 
 
 def test_copy_of_an_instance_installed_client_is_a_plain_sdk_client(
