@@ -301,6 +301,51 @@ def scenario_paced(target: Any, cfg: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def scenario_paced_paired(target: Any, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The paced scenario with the floor in the same process (target ``paired``): the ticks alternate
+    ours and the floor (``calls`` ticks, one every ``seconds / calls``), so both meet the same caches, the
+    same CPU and the same background threads; ``calls // 2`` timed calls each."""
+    tag, calls, seconds, warmup = cfg["tag"], cfg["calls"], cfg["seconds"], cfg["warmup"]
+    send_all(target.send, [make_args(tag, i) for i in range(warmup)])
+    warm_drained = target.drain(15.0)
+    floor = FloorTarget()
+    half = calls // 2
+    ours_args = [make_args(tag, warmup + i) for i in range(half)]
+    floor_args = [make_args(tag + "floor", i) for i in range(half)]
+    ours_ns, floor_ns = [0] * half, [0] * half
+    send_at = [0.0] * half
+    interval = seconds / calls
+    clock, now, sleep = time.perf_counter_ns, time.monotonic, time.sleep
+    started = now()
+    for tick in range(2 * half):
+        pause = started + tick * interval - now()
+        if pause > 0:
+            sleep(pause)
+        index = tick // 2
+        if tick % 2 == 0:
+            action, identifiers, type_, data = ours_args[index]
+            send_at[index] = now()
+            begin = clock()
+            target.send(action, identifiers, type_, data)
+            ours_ns[index] = clock() - begin
+        else:
+            action, identifiers, type_, data = floor_args[index]
+            begin = clock()
+            floor.send(action, identifiers, type_, data)
+            floor_ns[index] = clock() - begin
+    elapsed = now() - started
+    return {
+        "sent": warmup + half,
+        "calls": half,
+        "warmup": warmup,
+        "warm_drained": warm_drained,
+        **timing_figures(sorted(ours_ns)),
+        "floor": timing_figures(sorted(floor_ns)),
+        "send_seconds": elapsed,
+        "send_at": send_at,
+    }
+
+
 def scenario_throughput(target: Target, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """``events`` sends as fast as one caller can; ours then flushes (the parent polls for the SDK)."""
     tag, count = cfg["tag"], cfg["events"]
@@ -400,11 +445,12 @@ def main() -> int:
             run = lean_worker.run_floor if cfg["target"] == "floor_http" else lean_worker.run_stack
             return run(cfg, emit, wait_command, make_args)
         lean_worker.use_transport(cfg["transport"])
+    paired = cfg["target"] == "paired"  # ours and the floor in one process (see scenario_paced_paired)
     target: Any = (FloorTarget() if cfg["target"] == "floor" else
-                   Target(cfg["target"], cfg["url"], cfg["key"], cfg.get("options") or {}))
+                   Target("ours" if paired else cfg["target"], cfg["url"], cfg["key"], cfg.get("options") or {}))
     scenario = cfg["scenario"]
-    runner = {"caller": scenario_caller, "paced": scenario_paced, "throughput": scenario_throughput,
-              "memory": scenario_memory}[scenario]
+    runner = {"caller": scenario_caller, "paced": scenario_paced_paired if paired else scenario_paced,
+              "throughput": scenario_throughput, "memory": scenario_memory}[scenario]
     cpu_start: Optional[float] = None
     try:
         result = runner(target, cfg)

@@ -56,6 +56,7 @@ from bench_harness import (
     MORE_IN_FLIGHT,
     OURS_CALL,
     OURS_OPTIONS,
+    PACED_PAIRED,
     PACED_TARGETS,
     SPOOL_KEYS,
     SPOOL_VARIANTS,
@@ -94,7 +95,7 @@ class Bench(Runner):
         return self.repeat(f"paced, {s.paced_calls:,} calls over {s.paced_seconds:g} s",
                            lambda t: self.cfg(t, "paced", calls=s.paced_calls, seconds=s.paced_seconds,
                                               warmup=s.paced_warmup, deadline=s.deliver_deadline), 0.0,
-                           PACED_TARGETS)
+                           (*PACED_TARGETS, PACED_PAIRED), s.paced_repeats)
 
     def throughput(self, latency: float, options: Optional[Dict[str, Any]] = None,
                    targets: Sequence[str] = TARGETS) -> Dict[str, List[Dict[str, Any]]]:
@@ -181,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="skip the informational runs (all defaults, max_in_flight=8, calibration ceiling)")
     parser.add_argument("--spool-repeats", type=int, default=None,
                         help="runs per scenario and variant in the spool section (default: as --repeats)")
+    parser.add_argument("--paced-repeats", type=int, default=None,
+                        help="runs per target in the paced section (default: at least 7, or as --repeats with --quick)")
     parser.add_argument("--no-spool", action="store_true",
                         help="skip the spool section (memory only vs spool_dir vs spool_dir + spool_fsync)")
     parser.add_argument("--only", metavar="NAMES",
@@ -195,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.render:
         with open(args.render, encoding="utf-8") as handle:
             return write_report(json.load(handle), args.output, None, args.strict)
-    settings = Settings(args.quick, args.repeats, args.spool_repeats)
+    settings = Settings(args.quick, args.repeats, args.spool_repeats, args.paced_repeats)
     only = set(args.only.split(",")) if args.only else None
     command = " ".join([os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(os.getcwd())
                         else sys.executable, *([os.path.relpath(sys.argv[0])] if sys.argv else []),
@@ -225,6 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                               "elapsed": elapsed, "machine": machine(load_before)})
         return write_report(run, args.output, raw_path, args.strict)
     run = {"quick": settings.quick, "repeats": settings.repeats, "spool_repeats": settings.spool_repeats,
+           "paced_repeats": settings.paced_repeats,
            "command": command, "ours_options": OURS_OPTIONS,
            "elapsed": elapsed, "machine": machine(load_before), "log": bench.log, "results": results}
     return write_report(run, args.output, raw_path, args.strict)

@@ -58,7 +58,7 @@ def sender(door: Door, full_path: Fallback, failed: Callable[[Any, Exception], N
     A call after an idle pause pays for every function it enters (each frame and code object is cold:
     ``benchmarks/paced_pieces.py`` measured an empty call at about a fifth of a send), so the common
     case is checked and appended here, in one frame: a non-empty str ``action`` and ``type``, a
-    non-empty dict of str to str with no key that may need renaming to ``fs_user_id`` (ten characters),
+    non-empty dict of str to str with ``fs_user_id`` or no key that may need renaming to it (ten characters),
     data None or a dict of str to exactly str, int, bool, None or a finite float, the door open and the
     queue with room. It accepts nothing that :func:`~.event.validate` would refuse or change (a test
     holds it to that); anything else, a subclass included, goes to ``full_path(client, action,
@@ -74,9 +74,9 @@ def sender(door: Door, full_path: Fallback, failed: Callable[[Any, Exception], N
                       and type != "" and identifiers.__class__ is dict and len(identifiers) > 0)
             if common:
                 ids: Dict[Any, Any] = dict(identifiers)  # copied, then the copy checked (as validate does)
+                renames = FS_USER_ID not in ids  # else validate renames no key (the ten-character check)
                 for key, value in ids.items():
-                    if key.__class__ is not str or value.__class__ is not str or (
-                            len(key) == 10 and key != FS_USER_ID):
+                    if key.__class__ is not str or value.__class__ is not str or (renames and len(key) == 10):
                         common = False
                         break
             values: Optional[Dict[Any, Any]] = None
