@@ -267,35 +267,41 @@ def scenario_caller(target: Target, cfg: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def paced_ticks(sends: List[Tuple[Callable[..., None], Args]], seconds: float) -> Tuple[List[int], List[float], float]:
+    """Makes the calls one by one, evenly spread over ``seconds`` (sleeping in between, as a request
+    handler does). Returns each call's duration (ns), when each started (``time.monotonic()``), and the
+    seconds the whole took."""
+    timings = [0] * len(sends)
+    send_at = [0.0] * len(sends)
+    interval = seconds / len(sends)
+    clock, now, sleep = time.perf_counter_ns, time.monotonic, time.sleep
+    started = now()
+    for index, (send, (action, identifiers, type_, data)) in enumerate(sends):
+        pause = started + index * interval - now()
+        if pause > 0:
+            sleep(pause)
+        send_at[index] = now()
+        begin = clock()
+        send(action, identifiers, type_, data)
+        timings[index] = clock() - begin
+    return timings, send_at, now() - started
+
+
 def scenario_paced(target: Any, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """A web app's pace: ``calls`` timed calls from 1 thread, spread evenly over ``seconds`` (sleeping in
     between, as a request handler does), after ``warmup`` untimed ones."""
     tag, calls, seconds, warmup = cfg["tag"], cfg["calls"], cfg["seconds"], cfg["warmup"]
     send_all(target.send, [make_args(tag, i) for i in range(warmup)])
     warm_drained = target.drain(15.0)
-    args = [make_args(tag, warmup + i) for i in range(calls)]
-    timings = [0] * calls
-    send_at = [0.0] * calls
-    interval = seconds / calls
-    clock, now, sleep = time.perf_counter_ns, time.monotonic, time.sleep
-    started = now()
-    for index, (action, identifiers, type_, data) in enumerate(args):
-        pause = started + index * interval - now()
-        if pause > 0:
-            sleep(pause)
-        send_at[index] = now()
-        begin = clock()
-        target.send(action, identifiers, type_, data)
-        timings[index] = clock() - begin
-    elapsed = now() - started
-    merged = sorted(timings)
+    timings, send_at, elapsed = paced_ticks([(target.send, make_args(tag, warmup + i)) for i in range(calls)],
+                                            seconds)
     floor = target.name == "floor"
     return {
         "sent": 0 if floor else warmup + calls,  # the floor sends nothing to the server
         "calls": calls,
         "warmup": warmup,
         "warm_drained": warm_drained,
-        **timing_figures(merged),
+        **timing_figures(sorted(timings)),
         "send_seconds": elapsed,
         "send_at": [] if floor else send_at,
     }
@@ -310,39 +316,18 @@ def scenario_paced_paired(target: Any, cfg: Dict[str, Any]) -> Dict[str, Any]:
     warm_drained = target.drain(15.0)
     floor = FloorTarget()
     half = calls // 2
-    ours_args = [make_args(tag, warmup + i) for i in range(half)]
-    floor_args = [make_args(tag + "floor", i) for i in range(half)]
-    ours_ns, floor_ns = [0] * half, [0] * half
-    send_at = [0.0] * half
-    interval = seconds / calls
-    clock, now, sleep = time.perf_counter_ns, time.monotonic, time.sleep
-    started = now()
-    for tick in range(2 * half):
-        pause = started + tick * interval - now()
-        if pause > 0:
-            sleep(pause)
-        index = tick // 2
-        if tick % 2 == 0:
-            action, identifiers, type_, data = ours_args[index]
-            send_at[index] = now()
-            begin = clock()
-            target.send(action, identifiers, type_, data)
-            ours_ns[index] = clock() - begin
-        else:
-            action, identifiers, type_, data = floor_args[index]
-            begin = clock()
-            floor.send(action, identifiers, type_, data)
-            floor_ns[index] = clock() - begin
-    elapsed = now() - started
+    sends = [call for i in range(half)
+             for call in ((target.send, make_args(tag, warmup + i)), (floor.send, make_args(tag + "floor", i)))]
+    timings, send_at, elapsed = paced_ticks(sends, seconds)
     return {
         "sent": warmup + half,
         "calls": half,
         "warmup": warmup,
         "warm_drained": warm_drained,
-        **timing_figures(sorted(ours_ns)),
-        "floor": timing_figures(sorted(floor_ns)),
+        **timing_figures(sorted(timings[0::2])),
+        "floor": timing_figures(sorted(timings[1::2])),
         "send_seconds": elapsed,
-        "send_at": send_at,
+        "send_at": send_at[0::2],
     }
 
 

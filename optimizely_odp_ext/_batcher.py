@@ -66,7 +66,7 @@ class Batcher(Outcomes):
                 continue
             ready.append((encoded, target))
             group.append((target, encoded))
-            if len(group) >= self._batch_size and self._spool.disk is not None:
+            if len(group) >= self.door.batch_size and self._spool.disk is not None:
                 # Written as it goes: a caller outpacing this loop must not keep everything in memory.
                 self._spool_append(group)
                 group = []
@@ -113,7 +113,7 @@ class Batcher(Outcomes):
         up to ``max_batch_size`` (ODP's 500 by default): over a slow link a request carries more
         events rather than waiting a round trip per ``batch_size`` (and each event costs less CPU).
         """
-        return max(self._batch_size, min(self.options.max_batch_size, waiting // slots))
+        return max(self.door.batch_size, min(self.options.max_batch_size, waiting // slots))
 
     def _drop_unintegrated(self, pending: Pending) -> None:
         # Counted one by one, logged once per run of them (when the run ends).

@@ -55,7 +55,7 @@ class CallerQueue(Outcomes):
             self.count_refused("odp_not_integrated" if not_integrated else "host_refused")
             return False
         queue = self._queue
-        if len(queue) + len(self._ledger.ready) >= self._capacity and not self._overflow(pending):
+        if self.door.full() and not self._overflow(pending):
             return True  # accepted, then dropped as queue_full (counted in _overflow)
         queue.append((pending, odp.target))
         if life.worker is None:
@@ -67,7 +67,7 @@ class CallerQueue(Outcomes):
         # Wake the worker only when it waits for callers (its last look found nothing to send), for
         # a full batch, or, with the spool on, for the first event (written to disk at once, see
         # SPOOL_INTERVAL). Any other time its own timer covers this event: see Scheduler._run.
-        full = size % self._batch_size == 0
+        full = size % self.door.batch_size == 0
         if self.door.idle or full or (size == 1 and self._spool.disk is not None):
             self._wake.set()
         if full and not _stall_reported:
@@ -96,11 +96,11 @@ class CallerQueue(Outcomes):
 
     def _wait_for_room(self) -> bool:
         """overflow="block": waits up to ``block_timeout`` for room. Returns True when there is room."""
-        queue, ready, capacity, life = self._queue, self._ledger.ready, self._capacity, self._life
+        door, life = self.door, self._life
 
         def full() -> bool:
             # Closing lets the caller through: close() then delivers or counts the event.
-            return len(queue) + len(ready) >= capacity and not life.closed
+            return door.full() and not life.closed
 
         def wake() -> None:
             self._wake.set()  # read at each call: a first start may remake it (see _start)

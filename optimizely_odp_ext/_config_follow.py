@@ -11,13 +11,11 @@ import logging
 import weakref
 from typing import Any, Callable, Optional
 
+from ._sdk_bridge import CONFIG_UPDATE
 from .manager import EventManager
 from .settings import odp_integration
 
 _log = logging.getLogger(__name__)
-
-_CONFIG_UPDATE = "OPTIMIZELY_CONFIG_UPDATE"
-
 
 def read_config(client: Any) -> Any:
     """The client's current project config, without blocking while the datafile loads."""
@@ -66,7 +64,7 @@ def follow(client: Any, manager: EventManager) -> Callable[[], None]:
     center = _notification_center(client)
     if center is not None:
         try:
-            center.add_notification_listener(_CONFIG_UPDATE, on_config_update)
+            center.add_notification_listener(CONFIG_UPDATE, on_config_update)
         except Exception:
             _log.debug("could not listen to datafile updates", exc_info=True)
     on_config_update()
@@ -88,7 +86,7 @@ def _notification_center(client: Any) -> Any:
 
 
 def _remove_listener(center: Any, callback: Callable[[], None]) -> None:
-    listeners = getattr(center, "notification_listeners", {}).get(_CONFIG_UPDATE, [])
+    listeners = getattr(center, "notification_listeners", {}).get(CONFIG_UPDATE, [])
     for entry in list(listeners):
         if isinstance(entry, tuple) and len(entry) == 2 and entry[1] is callback:
             try:

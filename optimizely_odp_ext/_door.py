@@ -48,6 +48,10 @@ class Door:
         # the worker, read on every send.
         self.idle = False
 
+    def full(self) -> bool:
+        """Whether ``queue_capacity`` events wait (queued or ready). The common path has this inline."""
+        return len(self.queue) + len(self.ready) >= self.capacity
+
 
 Fallback = Callable[[Any, Any, Any, Any, Any], None]
 
@@ -94,7 +98,7 @@ def sender(door: Door, full_path: Fallback, failed: Callable[[Any, Exception], N
                             break
             if common:
                 queue = door.queue
-                if len(queue) + len(door.ready) < door.capacity:
+                if len(queue) + len(door.ready) < door.capacity:  # not door.full(), inline
                     queue.append(((type, action, ids, values), door.target))
                     size = len(queue)
                     # Appended, then looked at: the worker raises ``idle`` before its last look at the

@@ -43,7 +43,7 @@ class Outcomes(ManagerState):
 
     def _report_overflow(self) -> None:
         self._tally.report("queue_full", self._counts.take_report(),
-                           f"ODP event queue is full ({self._capacity} events)")
+                           f"ODP event queue is full ({self.door.capacity} events)")
 
     def _drain_queue(self) -> int:
         """Under the ledger, once closed: what is left in the caller's queue ends as ``shutdown``."""

@@ -89,14 +89,14 @@ class Scheduler(Batcher, Bisector):
         self._expire(now)
         if self._spool.disk is not None and self._queue:
             # Durable quickly: what a crash can lose is what arrived since the last pass.
-            self._ingest(self._capacity)
+            self._ingest(self.door.capacity)
         if self._life.closing and not self._life.close_seen:
             self._life.close_seen = True
             # Shutdown cuts every retry wait short; the close deadline bounds the whole.
             self._ledger.retry.due_by(now, every=False)
         if self._life.closing and (now >= self._life.close_deadline or self._nothing_left()):
             if self._spool.disk is not None and self._queue:
-                self._ingest(self._capacity + len(self._queue))  # what is left survives in the spool
+                self._ingest(self.door.capacity + len(self._queue))  # what is left survives in the spool
             self._update_low_water()
             return None
         self._dispatch(now)
@@ -104,7 +104,7 @@ class Scheduler(Batcher, Bisector):
         # Callers blocked on a full queue (overflow="block") are told when there is room, or that the
         # manager closes; never on every pass, or a caller and a worker that cannot drain (no
         # datafile yet, every sender busy) would wake each other in a loop until block_timeout.
-        if self._room.waiters and (self._life.closing or len(self._queue) + len(self._ledger.ready) < self._capacity):
+        if self._room.waiters and (self._life.closing or not self.door.full()):
             self._room.wake_all()
         return self._next_wake(time.monotonic())
 
@@ -249,13 +249,13 @@ class Scheduler(Batcher, Bisector):
                 self._ledger.partial_since = None
                 self._ledger.seen_empty = True  # callers wake us: nothing else would (see _run)
                 return
-            if waiting < self._batch_size and not hurry and self._spool.recovery is None:
+            if waiting < self.door.batch_size and not hurry and self._spool.recovery is None:
                 if self._ledger.partial_since is None:
                     self._ledger.partial_since = now
                 if now - self._ledger.partial_since < self.options.flush_interval:
                     return
             cap = self._batch_cap(waiting, limit)
-            self._ingest(self._capacity if self._spool.disk is not None else cap)
+            self._ingest(self.door.capacity if self._spool.disk is not None else cap)
             new_batch = self._take_batch(cap)
             if new_batch is None:
                 # Nothing sendable (events held for the datafile): no timed wake-up, or the worker

@@ -143,7 +143,7 @@ def detach(client: Any, bridge: SdkEventManagerBridge) -> None:
 
 # ----------------------------------------------------------------- the SDK's registry hold (5.x)
 
-_CONFIG_UPDATE = "OPTIMIZELY_CONFIG_UPDATE"
+CONFIG_UPDATE = "OPTIMIZELY_CONFIG_UPDATE"  # the SDK's notification of a new datafile
 _HELD_METHOD = "_update_odp_config_on_datafile_update"
 # client -> the weak listener standing in for the SDK's strong one
 _loosened: weakref.WeakKeyDictionary[Any, _WeakListener] = weakref.WeakKeyDictionary()
@@ -181,7 +181,7 @@ def _registry_listeners(client: Any) -> Optional[List[Any]]:
         center = getattr(registry, "_notification_centers", {}).get(get_sdk_key())
     except Exception:
         return None
-    listeners = getattr(center, "notification_listeners", {}).get(_CONFIG_UPDATE)
+    listeners = getattr(center, "notification_listeners", {}).get(CONFIG_UPDATE)
     return listeners if isinstance(listeners, list) else None
 
 

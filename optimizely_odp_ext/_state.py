@@ -48,20 +48,18 @@ STALL_SECONDS = 15.0
 class ManagerState:
     """Attributes of one manager. Set once in ``EventManager.__init__``, then per process below."""
 
-    # Slots: a caller's send reads several of these attributes after an idle pause, with cold caches;
-    # a slot is one fixed offset, where an instance dict costs a hashed lookup each. __dict__ stays
-    # for what tests attach; __weakref__ for the process registry (_lifecycle).
-    __slots__ = ("__dict__", "__weakref__", "_barrier", "_batch_size", "_capacity", "_counts", "_defaults",
-                 "_ledger", "_life", "_odp", "_policy", "_queue", "_room", "_senders", "_spool", "_tally",
-                 "_transport_factory", "_wake", "door", "logger", "options")
+    # Slots: a send on the full path reads several of these attributes (the common path reads the door
+    # alone); a slot is one fixed offset, where an instance dict costs a hashed lookup each. __dict__
+    # stays for what tests attach; __weakref__ for the process registry (_lifecycle).
+    __slots__ = ("__dict__", "__weakref__", "_barrier", "_counts", "_defaults", "_ledger", "_life", "_odp",
+                 "_policy", "_queue", "_room", "_senders", "_spool", "_tally", "_transport_factory", "_wake", "door",
+                 "logger", "options")
 
     options: Options
     logger: Any
     _transport_factory: Callable[[Options], Transport]
     _policy: RetryPolicy
     _defaults: Dict[str, Any]
-    _capacity: int
-    _batch_size: int
     _odp: OdpTarget  # where events go: the ODP settings of the current datafile
     _life: Lifetime  # this process, its worker thread, the steps of the close (kept across a fork: reset)
     _spool: Spooling  # the spool hand-off (spool_dir): writing, acknowledging, the backlog (likewise)
@@ -79,7 +77,7 @@ class ManagerState:
         self._senders = Senders(self.options, self._transport_factory, self._wake)
         self._room = Room()  # overflow="block": callers waiting for room (see _barrier)
         # Counted by the caller's side, on rare paths only: refused calls, a full queue's drops.
-        self._counts = CallerCounts(self._capacity, self.logger, self.options.on_outcome is not None)
+        self._counts = CallerCounts(self.door.capacity, self.logger, self.options.on_outcome is not None)
         # The outcome counters, and what is to be said about outcomes once the ledger is released.
         self._tally = Tally(self.options.on_outcome, self.logger)
         # The worker's delivery state, and the lock of every hand-off between owners (see _ledger).

@@ -107,9 +107,7 @@ class EventManager(CallerQueue, Scheduler):
             base=options.backoff_base, cap=options.backoff_max, window=options.retry_window,
             retry_after_cap=options.retry_after_max)
         self._defaults = default_data(sdk_version or _compat.sdk_version())
-        self._capacity = options.queue_capacity
-        self._batch_size = options.batch_size
-        self.door = Door(self, options.queue_capacity, options.batch_size)
+        self.door = Door(self, options.queue_capacity, options.batch_size)  # also where the manager reads both
         self._odp = OdpTarget(logger, options.allow_insecure_http)
         self._spool = Spooling(logger, options.spool_max_bytes)
         # A uWSGI master (or loading process) forks its workers in C while its threads run: none is

@@ -492,7 +492,7 @@ def test_drop_oldest_racing_the_worker_loses_nothing(build: Build) -> None:
                 manager.enqueue(ev("e3"))  # the queue is full: drop_oldest pops e0 now
             return super().popleft()
 
-    manager._queue = RacingDeque()
+    manager._queue = manager.door.queue = RacingDeque()  # one queue, as the manager's reset makes it
     for i in range(3):
         manager.enqueue(ev(f"e{i}"))
     assert manager.flush(WAIT) is True
@@ -593,7 +593,7 @@ def test_two_producers_on_an_empty_queue_still_wake_the_worker(build: Build) -> 
             if item is not other:
                 super().append(other)
 
-    manager._queue = InterleavedDeque()
+    manager._queue = manager.door.queue = InterleavedDeque()  # one queue, as the manager's reset makes it
     manager.enqueue(ev("second"))
     assert transport.wait_calls(2, timeout=0.5)  # flush_interval is 10 ms, the idle wait 5 s
     assert manager.flush(WAIT) is True
@@ -693,7 +693,7 @@ def test_send_racing_close_is_counted(build: Build) -> None:
                 manager.close(timeout=WAIT)
             return super().__len__()
 
-    manager._queue = ClosingDeque(manager._queue)
+    manager._queue = manager.door.queue = ClosingDeque(manager._queue)  # one queue, as the reset makes it
     accepted = manager.enqueue(ev("racing"))
     assert manager.closed is True
     stats = check_invariant(manager)
